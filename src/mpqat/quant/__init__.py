@@ -1,0 +1,13 @@
+"""Quantizer primitives: straight-through functions and the modules that hold their parameters."""
+
+from mpqat.quant.functional import grad_scale, round_half_up, round_ste, snap_mantissa
+from mpqat.quant.uniform import LSQWeightQuantizer, Pow2ActQuantizer
+
+__all__ = [
+    "LSQWeightQuantizer",
+    "Pow2ActQuantizer",
+    "grad_scale",
+    "round_half_up",
+    "round_ste",
+    "snap_mantissa",
+]
