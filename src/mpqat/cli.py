@@ -1,0 +1,185 @@
+"""The ``mpqat`` command line: ``data``, ``train``, ``eval``, ``report``, ``export``, ``run``, ``inspect``, ``bench``.
+
+Every user error is printed as one line ``mpqat: error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mpqat.errors import ConfigError, MpqatError
+
+# Map from CLI flag to recipe field, applied when the method's recipe has that field.
+_FLAG_FIELDS = {"w_bits": "w_bits", "a_bits": "a_bits"}
+
+
+def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    return out
+
+
+def _build_recipe(method: str | None, config: str | None, overrides: dict[str, Any]):
+    from mpqat.recipes import load_recipe, recipe_from_dict
+
+    if config:
+        base = load_recipe(config).to_dict()
+        if method and method != base["method"]:
+            raise ConfigError(f"--method {method} disagrees with the recipe file's method '{base['method']}'")
+    else:
+        base = {"method": method or "uniform"}
+    base.update(overrides)
+    return recipe_from_dict(base)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mpqat")
+def cli() -> None:
+    """Mixed-precision quantization-aware training with bit-exact integer export."""
+
+
+@cli.group()
+def data() -> None:
+    """List and fetch datasets."""
+
+
+@data.command("list")
+def data_list() -> None:
+    """List the named datasets and whether they are fetched."""
+    from mpqat.data import list_datasets
+
+    for info in list_datasets():
+        click.echo(f"{info.name:16s} {info.task:24s} {info.source}")
+
+
+@data.command("fetch")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Fetch again even if cached.")
+def data_fetch(name: str, force: bool) -> None:
+    """Fetch dataset NAME (or 'all') into the cache ($MPQAT_DATA or ~/.cache/mpqat)."""
+    from mpqat.data import fetch
+
+    path = fetch(name, force=force)
+    click.echo(f"fetched {name} -> {path}")
+
+
+@cli.command()
+@click.option("--dataset", required=True, help="A dataset name (see 'mpqat data list') or a CSV/Parquet path.")
+@click.option("--target", default=None, help="Target column, for a CSV/Parquet dataset.")
+@click.option("--method", default=None, help="fp32, uniform, nmp, ... (default: the --config's, else uniform).")
+@click.option("--config", default=None, type=click.Path(), help="Recipe YAML file.")
+@click.option("--w-bits", type=int, default=None, help="Weight bits (uniform).")
+@click.option("--a-bits", type=int, default=None, help="Activation bits (uniform).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, repeatable.")
+@click.option("--model", default="mlp", show_default=True, help="mlp, mlp-small or mlp-large (4x512, as the NMP-QAT paper).")
+@click.option("--hidden", default=None, help="Hidden widths, e.g. 256,256.")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--optimizer", default="adam", show_default=True)
+@click.option("--patience", type=int, default=10, show_default=True, help="Early-stopping patience (epochs).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-rows", type=int, default=None, help="Subsample the dataset (quick tries).")
+@click.option("--out", required=True, type=click.Path(), help="Run directory.")
+@click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(dataset, target, method, config, w_bits, a_bits, sets, model, hidden, epochs, batch_size, lr,
+          optimizer, patience, seed, max_rows, out, force, resume, quiet) -> None:
+    """Train a (quantized) model and write DIR/metrics.json, DIR/checkpoint.pt and DIR/recipe.yaml."""
+    from mpqat.runs import train_run
+    from mpqat.train import TrainConfig
+
+    overrides = _parse_set(sets)
+    for flag, value in (("w_bits", w_bits), ("a_bits", a_bits)):
+        if value is not None:
+            overrides[_FLAG_FIELDS[flag]] = value
+    recipe = _build_recipe(method, config, overrides)
+    hidden_list = _parse_hidden(hidden)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, patience=patience,
+                      seed=seed, progress=not quiet)
+    metrics = train_run(dataset, recipe, out, model=model, hidden=hidden_list, config=cfg, target=target,
+                        force=force, resume=resume, max_rows=max_rows)
+    click.echo(_summary_line(metrics))
+    click.echo(f"saved run to {out}")
+
+
+def _parse_hidden(hidden: str | None) -> list[int] | None:
+    if hidden is None:
+        return None
+    try:
+        widths = [int(h) for h in hidden.split(",") if h.strip()]
+    except ValueError:
+        raise ConfigError(f"--hidden expects comma-separated integers such as 256,256, got '{hidden}'") from None
+    if not widths or min(widths) < 1:
+        raise ConfigError("--hidden needs at least one positive width")
+    return widths
+
+
+def _summary_line(m: dict[str, Any]) -> str:
+    return (f"{m['dataset']} {m['method']}: test accuracy {m['test_accuracy']:.4f}, "
+            f"avg bits w {m['avg_weight_bits']:.2f} / a {m['avg_act_bits']:.2f}, "
+            f"BitOps {m['bitops']:.3g} ({m['bitops'] / m['fp32_bitops']:.2%} of FP32), "
+            f"size {m['size_bytes']:.0f} B ({m['size_bytes'] / m['fp32_size_bytes']:.2%} of FP32)")
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def eval_cmd(run_dir: str, as_json: bool) -> None:
+    """Evaluate a finished run on its test split again and compare with metrics.json."""
+    from mpqat.metrics import classification_metrics
+    from mpqat.runs import load_run
+    from mpqat.train import predict_logits
+
+    run = load_run(run_dir)
+    splits = run.splits()
+    result = classification_metrics(predict_logits(run.model, splits.X_test), splits.y_test)
+    result["matches_metrics_json"] = result["test_accuracy"] == run.metrics.get("test_accuracy")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+def report(run_dir: str) -> None:
+    """Summarise a run and draw its plots (bit-width heatmaps, bits over epochs) into RUN_DIR."""
+    from mpqat.report import write_report
+
+    for path in write_report(Path(run_dir)):
+        click.echo(f"wrote {path}")
+
+
+def main() -> None:
+    """Console entry point: run the CLI, turning user errors into one-line messages with exit code 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except MpqatError as exc:
+        click.echo(f"mpqat: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("mpqat: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("mpqat: interrupted; continue a training run with --resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

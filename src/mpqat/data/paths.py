@@ -1,0 +1,74 @@
+"""Where mpqat keeps its data, and how cache files are written safely.
+
+The data directory is ``$MPQAT_DATA`` when that variable is set, otherwise the platform's user
+cache directory (``$XDG_CACHE_HOME/mpqat`` or ``~/.cache/mpqat`` on Linux,
+``~/Library/Caches/mpqat`` on macOS, ``%LOCALAPPDATA%\\mpqat\\Cache`` on Windows). Every cache
+file is written to a temporary file in the same folder first and then moved into place with
+:func:`os.replace`, so an interrupted fetch never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from mpqat.errors import DatasetError
+
+ENV_VAR = "MPQAT_DATA"
+
+
+def _platform_cache_dir() -> Path:
+    home = Path.home()
+    if sys.platform == "darwin":
+        return home / "Library" / "Caches" / "mpqat"
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA") or str(home / "AppData" / "Local")
+        return Path(base) / "mpqat" / "Cache"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else home / ".cache") / "mpqat"
+
+
+def data_dir() -> Path:
+    """Return the folder that holds fetched datasets, creating it if needed.
+
+    Example::
+
+        >>> import os; os.environ["MPQAT_DATA"] = "/tmp/mpqat-data"
+        >>> data_dir()
+        PosixPath('/tmp/mpqat-data')
+    """
+    env = os.environ.get(ENV_VAR, "").strip()
+    path = Path(env).expanduser() if env else _platform_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(
+            f"cannot create the data directory '{path}' ({exc.strerror or exc}): "
+            f"set {ENV_VAR} to a writable folder"
+        ) from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; move it onto ``final`` only if the block succeeds.
+
+    Example::
+
+        >>> with atomic_path(data_dir() / "x.parquet") as tmp:
+        ...     frame.to_parquet(tmp)
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

@@ -1,0 +1,161 @@
+"""Run directories: train a recipe on a dataset into ``DIR``, and load it back.
+
+A run directory holds ``metrics.json`` (the results), ``recipe.yaml`` (the recipe),
+``run.json`` (dataset, seed, model spec, training settings), ``history.json`` (per-epoch log)
+and ``checkpoint.pt`` (weights; also the resume point while training).
+
+Example:
+    >>> from mpqat.recipes import Uniform
+    >>> metrics = train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), "/tmp/mpqat-doc-run",
+    ...                     config=TrainConfig(epochs=2, progress=False), force=True)  # doctest: +SKIP
+    >>> load_run("/tmp/mpqat-doc-run").metrics["method"]  # doctest: +SKIP
+    'uniform'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from mpqat.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from mpqat.cost import model_cost
+from mpqat.errors import CheckpointError, ConfigError
+from mpqat.methods import hooks_for
+from mpqat.metrics import classification_metrics
+from mpqat.models import build_model, model_spec
+from mpqat.quantize import quantize
+from mpqat.recipes import Recipe, recipe_from_dict
+from mpqat.train import TrainConfig, config_dict, fit, predict_logits
+
+RUN_FILES = ("metrics.json", "checkpoint.pt", "recipe.yaml", "run.json", "history.json")
+
+
+def _load_splits(dataset: str, target: str | None, seed: int, max_rows: int | None = None):
+    from mpqat.data import load_dataset  # imported lazily: the data layer pulls in pandas
+
+    return load_dataset(dataset, target=target, seed=seed, max_rows=max_rows)
+
+
+@dataclass
+class Run:
+    """A trained run loaded from its directory; ``model`` is in eval mode."""
+
+    path: Path
+    model: nn.Module
+    recipe: Recipe
+    metrics: dict[str, Any]
+    info: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    def splits(self):
+        """The dataset splits this run was trained on (same seed, same preprocessing)."""
+        return _load_splits(self.info["dataset"], self.info.get("target"), self.info["seed"], self.info.get("max_rows"))
+
+
+def fingerprint(info: dict[str, Any]) -> str:
+    """Hash of everything that defines a run, to refuse resuming under different settings."""
+    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _prepare_dir(out: Path, force: bool, resume: bool) -> None:
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not (force or resume):
+        raise ConfigError(
+            f"'{out}' already holds a run ({', '.join(existing)}): pass --resume to continue it, "
+            "--force to overwrite it, or choose another --out"
+        )
+    if force and not resume:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build_quantized(spec: dict[str, Any], recipe: Recipe) -> nn.Module:
+    """Float model from ``spec``, quantized by ``recipe``."""
+    return quantize(build_model(spec), recipe, inplace=True)
+
+
+def train_run(
+    dataset: str,
+    recipe: Recipe,
+    out: str | Path,
+    model: str = "mlp",
+    hidden: list[int] | None = None,
+    config: TrainConfig | None = None,
+    target: str | None = None,
+    force: bool = False,
+    resume: bool = False,
+    max_rows: int | None = None,
+) -> dict[str, Any]:
+    """Train ``recipe`` on ``dataset`` into the run directory ``out``; returns ``metrics.json``'s content."""
+    out = Path(out)
+    config = config or TrainConfig()
+    _prepare_dir(out, force, resume)
+    splits = _load_splits(dataset, target, config.seed, max_rows)
+    spec = model_spec(model, splits.n_features, splits.n_classes, hidden=hidden)
+    info = {"dataset": dataset, "target": target, "seed": config.seed, "max_rows": max_rows,
+            "model_spec": spec, "train": config_dict(config), "recipe": recipe.to_dict()}
+    torch.manual_seed(config.seed)
+    net = build_quantized(spec, recipe)
+    hooks = hooks_for(recipe)
+    atomic_write_text(out / "run.json", json.dumps(info, indent=2))
+    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists() and load_checkpoint(ckpt).get("finished"):
+        raise ConfigError(f"the run in '{out}' has already finished; see {out / 'metrics.json'}")
+    result = fit(net, (splits.X_train, splits.y_train), (splits.X_valid, splits.y_valid), config, hooks,
+                 checkpoint_path=ckpt, resume=resume, fingerprint=fingerprint(info))
+    t0 = time.perf_counter()
+    logits = predict_logits(net, splits.X_test)
+    infer_seconds = time.perf_counter() - t0
+    cost = model_cost(net)
+    metrics: dict[str, Any] = {
+        "dataset": dataset, "method": recipe.method, "model": model, "seed": config.seed,
+        **classification_metrics(logits, splits.y_test),
+        "valid_accuracy": result.best_valid_accuracy,
+        **cost.summary(),
+        "train_seconds": result.train_seconds, "test_infer_seconds": infer_seconds,
+        "epochs": result.epochs_run, "best_epoch": result.best_epoch,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "n_train": len(splits.y_train), "n_test": len(splits.y_test),
+        "hidden": spec["hidden"], "recipe": recipe.to_dict(),
+        "bit_histograms": cost.bit_histograms(),
+        **hooks.final_metrics(net),
+    }
+    save_checkpoint(ckpt, {"fingerprint": fingerprint(info), "finished": True, "model": net.state_dict(),
+                           "epoch": result.epochs_run, "info": info})
+    atomic_write_text(out / "history.json", json.dumps(result.history, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def load_run(path: str | Path) -> Run:
+    """Load a finished run directory: the model (eval mode), recipe, metrics and history."""
+    path = Path(path)
+    if not (path / "run.json").is_file():
+        raise CheckpointError(f"'{path}' is not an mpqat run directory (no run.json): train one with 'mpqat train --out {path}'")
+    try:
+        info = json.loads((path / "run.json").read_text())
+        recipe = recipe_from_dict(info["recipe"])
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"'{path / 'run.json'}' is corrupt ({exc}); train the run again") from None
+    state = load_checkpoint(path / "checkpoint.pt")
+    if not state.get("finished"):
+        raise CheckpointError(f"the run in '{path}' has not finished: continue it with 'mpqat train ... --out {path} --resume'")
+    model = build_quantized(info["model_spec"], recipe)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint in '{path}' does not match its recipe/model: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").exists() else {}
+    history = json.loads((path / "history.json").read_text()) if (path / "history.json").exists() else []
+    return Run(path, model, recipe, metrics, info, history)

@@ -1,0 +1,208 @@
+"""The trainer: one loop for every method, with checkpoints, resume and early stopping.
+
+Methods plug in through :class:`mpqat.methods.MethodHooks`. The loop is deterministic on CPU for
+a given seed: batches are shuffled by a generator seeded from ``(seed, epoch)`` and the global RNG
+state (dropout) is saved in every checkpoint, so a killed run resumed with ``resume=True`` ends
+with the same weights and metrics as an uninterrupted one.
+
+Example:
+    >>> import numpy as np, torch
+    >>> from mpqat.models import MLP
+    >>> X = np.random.default_rng(0).normal(size=(64, 4)).astype("float32"); y = (X[:, 0] > 0).astype("int64")
+    >>> result = fit(MLP(4, 2, hidden=(8,)), (X, y), (X, y), TrainConfig(epochs=2, progress=False))
+    >>> len(result.history)
+    2
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from mpqat.checkpoint import load_checkpoint, save_checkpoint
+from mpqat.errors import CheckpointError, ConfigError
+from mpqat.methods.base import MethodHooks
+
+ArrayPair = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every method."""
+
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    patience: int = 10
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.patience < 1:
+            raise ConfigError("epochs must be >= 0, batch_size >= 1 and patience >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ConfigError(f"unknown optimizer '{self.optimizer}': choose adam, adamw or sgd")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` hands back; the model holds the best validation weights."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_valid_accuracy: float = float("nan")
+    train_seconds: float = 0.0
+    epochs_run: int = 0
+    resumed_from_epoch: int = 0
+
+
+def _make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.Adam(groups, lr=config.lr)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Logits of ``model`` in eval mode on ``X`` (float64 numpy array)."""
+    model.eval()
+    outs = [model(torch.from_numpy(X[i : i + batch_size])).double() for i in range(0, len(X), batch_size)]
+    return torch.cat(outs).numpy() if outs else np.zeros((0, 0))
+
+
+def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on ``(X, y)`` in eval mode."""
+    logits = predict_logits(model, X)
+    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
+    return {"loss": loss, "accuracy": float((logits.argmax(1) == y).mean())}
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fit(
+    model: nn.Module,
+    train: ArrayPair,
+    valid: ArrayPair,
+    config: TrainConfig,
+    hooks: MethodHooks | None = None,
+    checkpoint_path: Path | None = None,
+    resume: bool = False,
+    fingerprint: str = "",
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place; keep the weights of the best validation epoch.
+
+    ``checkpoint_path``: written atomically after every epoch. ``resume``: continue from it
+    (its ``fingerprint`` must match, so a run is never resumed under a different recipe).
+    """
+    hooks = hooks or MethodHooks()
+    X_train, y_train = train
+    _check_finite(X_train, "training features")
+    optimizer = _make_optimizer(hooks.param_groups(model, config.lr, config.weight_decay), config)
+    result = FitResult()
+    best_state = _cpu_state(model)
+    best_score, bad_epochs, start_epoch, elapsed = -math.inf, 0, 0, 0.0
+
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = load_checkpoint(checkpoint_path)
+        if state.get("fingerprint") != fingerprint:
+            raise CheckpointError(
+                f"cannot resume '{checkpoint_path}': it was trained with a different recipe, model, data or "
+                "training settings; use --force to start over, or a new --out directory"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        best_state, best_score = state["best_state"], state["best_score"]
+        bad_epochs, start_epoch, elapsed = state["bad_epochs"], state["epoch"], state["elapsed"]
+        result.history = list(state["history"])
+        result.best_epoch = state["best_epoch"]
+        result.resumed_from_epoch = start_epoch
+        torch.set_rng_state(state["rng"])
+        if state.get("stopped"):
+            start_epoch = config.epochs  # early stopping had already ended this run
+
+    n = len(X_train)
+    X_t, y_t = torch.from_numpy(X_train), torch.from_numpy(y_train)
+    bar = tqdm(range(start_epoch, config.epochs), desc="train", disable=not config.progress, unit="epoch",
+               initial=start_epoch, total=config.epochs, leave=False)
+    stopped = False
+    for epoch in bar:
+        t0 = time.perf_counter()
+        hooks.on_epoch_start(model, epoch, config.epochs)
+        model.train()
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=generator)
+        total_loss, steps = 0.0, 0
+        for step, start in enumerate(range(0, n, config.batch_size)):
+            idx = order[start : start + config.batch_size]
+            logits = model(X_t[idx])
+            loss = F.cross_entropy(logits, y_t[idx]) + hooks.extra_loss(model, epoch, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            hooks.after_step(model)
+            total_loss += float(loss.detach())
+            steps += 1
+        if not math.isfinite(total_loss):
+            raise ConfigError(
+                f"training diverged at epoch {epoch + 1} (loss is {total_loss}); lower --lr or check the data"
+            )
+        valid_metrics = evaluate(model, *valid)
+        elapsed += time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "train_loss": total_loss / max(steps, 1),
+               "valid_loss": valid_metrics["loss"], "valid_accuracy": valid_metrics["accuracy"],
+               **hooks.epoch_log(model)}
+        result.history.append(row)
+        if valid_metrics["accuracy"] > best_score:
+            best_score, best_state, bad_epochs, result.best_epoch = valid_metrics["accuracy"], _cpu_state(model), 0, epoch + 1
+        else:
+            bad_epochs += 1
+        stopped = bad_epochs >= config.patience
+        bar.set_postfix(loss=f"{row['train_loss']:.4f}", valid=f"{row['valid_accuracy']:.4f}")
+        if checkpoint_path is not None:
+            state = {
+                "fingerprint": fingerprint, "epoch": epoch + 1, "model": _cpu_state(model),
+                "optimizer": optimizer.state_dict(), "best_state": best_state, "best_score": best_score,
+                "best_epoch": result.best_epoch, "bad_epochs": bad_epochs, "history": result.history,
+                "rng": torch.get_rng_state(), "elapsed": elapsed, "stopped": stopped, "finished": False,
+            }
+            save_checkpoint(checkpoint_path, state)
+            if on_checkpoint is not None:
+                on_checkpoint(state)
+        if stopped:
+            break
+    bar.close()
+    model.load_state_dict(best_state)
+    result.best_valid_accuracy = best_score
+    result.train_seconds = elapsed
+    result.epochs_run = len(result.history)
+    return result
+
+
+def _check_finite(X: np.ndarray, what: str) -> None:
+    if not np.isfinite(X).all():
+        raise ConfigError(f"the {what} contain NaN or inf values; impute or drop them before training")
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    """The settings that define a run (progress display excluded)."""
+    return {k: v for k, v in asdict(config).items() if k != "progress"}
