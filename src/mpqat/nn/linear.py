@@ -2,7 +2,9 @@
 
 Two forward paths:
 
-* training mode: float32 fake quantization with straight-through gradients (the bias stays float);
+* training mode: float32 fake quantization with straight-through gradients; the bias is rounded
+  to the accumulator grid (weight scale x smallest input step) with a straight-through gradient,
+  as the integer graph stores it;
 * eval mode: the *exact* path. It computes in float64 with integer codes, dyadic weight scales,
   power-of-two activation steps and the bias rounded to the accumulator grid, so every product and
   sum is exact. Its outputs are therefore exactly what the integer graph computes
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mpqat.quant.functional import round_half_up
+from mpqat.quant.functional import round_half_up, round_ste
 
 
 class QuantLinear(nn.Module):
@@ -63,9 +65,15 @@ class QuantLinear(nn.Module):
         return round_half_up(self.bias.detach().double() / unit) * unit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
-        return self._exact_forward(x)
+        if not self.training:
+            return self._exact_forward(x)
+        x_q = self.act_quant(x)
+        w_q = self.weight_quant(self.weight)
+        bias = self.bias
+        if bias is not None:
+            unit = self.accumulator_step().to(bias.dtype)
+            bias = round_ste(bias / unit) * unit
+        return F.linear(x_q, w_q, bias)
 
     @torch.no_grad()
     def _exact_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""The trainer: determinism, early stopping, and resume after an interruption."""
+
+import json
+
+import pytest
+
+from mpqat.errors import CheckpointError, ConfigError
+from mpqat.recipes import Uniform
+from mpqat.runs import load_run, train_run
+from mpqat.train import TrainConfig, fit
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"epochs": 6, "batch_size": 64, "progress": False, **kw})
+
+
+def test_same_seed_same_result(tmp_path):
+    a = train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), tmp_path / "a", config=_cfg())
+    b = train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), tmp_path / "b", config=_cfg())
+    assert a["test_accuracy"] == b["test_accuracy"]
+    assert a["test_accuracy"] > 0.85
+    for key in ("dataset", "method", "model", "test_accuracy", "avg_weight_bits", "avg_act_bits", "bitops",
+                "size_bytes", "fp32_bitops", "fp32_size_bytes", "train_seconds", "epochs", "seed"):
+        assert key in a
+
+
+class Killed(Exception):
+    """Stands for the process being killed right after a checkpoint was written."""
+
+
+def _interrupted_run(monkeypatch, out, recipe, at_epoch=3):
+    import mpqat.runs as runs_module
+
+    original_fit = runs_module.fit
+
+    def fit_then_die(*args, **kwargs):
+        def die(state):
+            if state["epoch"] == at_epoch:
+                raise Killed
+
+        return original_fit(*args, on_checkpoint=die, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runs_module, "fit", fit_then_die)
+        with pytest.raises(Killed):
+            train_run("breast-cancer", recipe, out, config=_cfg())
+    assert not (out / "metrics.json").exists()
+
+
+def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch):
+    full = train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), tmp_path / "full", config=_cfg())
+    _interrupted_run(monkeypatch, tmp_path / "cut", Uniform(w_bits=4, a_bits=4))
+    resumed = train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), tmp_path / "cut", config=_cfg(), resume=True)
+    assert resumed["resumed_from_epoch"] == 3
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    history_full = json.loads((tmp_path / "full" / "history.json").read_text())
+    history_cut = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [h["valid_loss"] for h in history_cut] == [h["valid_loss"] for h in history_full]
+
+
+def test_resume_with_a_different_recipe_is_refused(tmp_path, monkeypatch):
+    _interrupted_run(monkeypatch, tmp_path / "r", Uniform(w_bits=4, a_bits=4))
+    with pytest.raises(CheckpointError, match="different recipe"):
+        train_run("breast-cancer", Uniform(w_bits=2, a_bits=4), tmp_path / "r", config=_cfg(), resume=True)
+
+
+def test_existing_run_is_not_overwritten_without_force(tmp_path):
+    train_run("breast-cancer", Uniform(), tmp_path / "r", config=_cfg(epochs=1))
+    with pytest.raises(ConfigError, match="--force"):
+        train_run("breast-cancer", Uniform(), tmp_path / "r", config=_cfg(epochs=1))
+    train_run("breast-cancer", Uniform(), tmp_path / "r", config=_cfg(epochs=1), force=True)
+
+
+def test_load_run_restores_the_same_predictions(tmp_path):
+    metrics = train_run("breast-cancer", Uniform(w_bits=2, a_bits=4), tmp_path / "r", config=_cfg())
+    run = load_run(tmp_path / "r")
+    from mpqat.metrics import classification_metrics
+    from mpqat.train import predict_logits
+
+    splits = run.splits()
+    assert classification_metrics(predict_logits(run.model, splits.X_test), splits.y_test)["test_accuracy"] == metrics["test_accuracy"]
+
+
+def test_nan_features_are_refused(breast_cancer):
+    from mpqat.models import MLP
+
+    X = breast_cancer.X_train.copy()
+    X[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="NaN"):
+        fit(MLP(X.shape[1], 2), (X, breast_cancer.y_train), (breast_cancer.X_valid, breast_cancer.y_valid), _cfg())
