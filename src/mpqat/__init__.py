@@ -12,6 +12,8 @@ Example:
 
 from mpqat.cost import CostReport, model_cost
 from mpqat.errors import MpqatError
+from mpqat.freeze import freeze
+from mpqat.methods.nmp import NeuronBits
 from mpqat.quantize import quantize
 from mpqat.recipes import FP32, Recipe, Uniform, load_recipe, recipe_from_dict
 from mpqat.train import TrainConfig, fit
@@ -22,10 +24,12 @@ __all__ = [
     "FP32",
     "CostReport",
     "MpqatError",
+    "NeuronBits",
     "Recipe",
     "TrainConfig",
     "Uniform",
     "fit",
+    "freeze",
     "load_recipe",
     "model_cost",
     "quantize",

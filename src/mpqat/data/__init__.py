@@ -33,7 +33,7 @@ Example::
     >>> fetch("telco-churn")
     >>> ds = load_dataset("telco-churn", seed=0)
     >>> ds.X_train.shape, ds.class_names
-    ((4225, 45), ['No', 'Yes'])
+    ((4225, 40), ['No', 'Yes'])
 """
 
 from mpqat.data.fetch import fetch, read_named_table

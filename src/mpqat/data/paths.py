@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,9 +63,9 @@ def atomic_path(final: Path) -> Iterator[Path]:
         ...     frame.to_parquet(tmp)
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 honours the umask (mkstemp would make the file private, 0o600).
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         os.replace(tmp, final)

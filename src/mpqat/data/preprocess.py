@@ -6,7 +6,8 @@ validation and test rows, so no statistic of valid/test leaks into the features:
 * Column kinds are decided on the training split. ``bool`` and ``category`` columns, and text
   columns with at most :data:`MAX_CATEGORIES` distinct values, are **categorical**. Text
   columns whose non-blank values all parse as numbers (e.g. ``" "`` for a missing number in a
-  CSV) are **numeric**. Other numeric dtypes are numeric.
+  CSV) are **numeric** (a value in valid/test that does not parse counts as missing). Other
+  numeric dtypes are numeric.
 * Dropped columns (each recorded in ``dropped`` with the reason): ID-like columns (every
   training value distinct, and either more than :data:`MAX_CATEGORIES` distinct text values or
   a name such as ``id``, ``customerID``, ``user_id`` or ``Unnamed: 0``), since an identifier
@@ -30,7 +31,7 @@ Example::
     >>> pre = TabularPreprocessor().fit(train_frame)
     >>> X_train, X_test = pre.transform(train_frame), pre.transform(test_frame)
     >>> pre.feature_names[:3]
-    ['female', 'senior_citizen', 'multiple_lines=No']
+    ['female', 'senior_citizen', 'partner']
 """
 
 from __future__ import annotations
@@ -109,9 +110,13 @@ def _classify_object(column: str, series: pd.Series) -> tuple[str, bool]:
     """Kind of a text/object column: ("numeric", True) when every value parses as a number."""
     present = [v for v in series.astype(object) if not _is_missing(v)]
     kinds = {
-        "text" if isinstance(v, str) else
-        "bool" if isinstance(v, (bool, np.bool_)) else
-        "number" if isinstance(v, Number) else type(v).__name__
+        "text"
+        if isinstance(v, str)
+        else "bool"
+        if isinstance(v, (bool, np.bool_))
+        else "number"
+        if isinstance(v, Number)
+        else type(v).__name__
         for v in present
     }
     if kinds <= {"number"}:
@@ -127,7 +132,7 @@ def _classify_object(column: str, series: pd.Series) -> tuple[str, bool]:
 
 
 class TabularPreprocessor:
-    """One-hot + median-impute + standardise, fitted on training rows only (see module docstring)."""
+    """One-hot + median-impute + standardise, fitted on training rows only (module docstring)."""
 
     def __init__(self, max_categories: int = MAX_CATEGORIES) -> None:
         self.max_categories = max_categories
@@ -142,7 +147,7 @@ class TabularPreprocessor:
 
     # -- fit -----------------------------------------------------------------------------------
     def fit(self, frame: pd.DataFrame) -> TabularPreprocessor:
-        """Learn column kinds, categories, medians, means and stds from ``frame`` (training rows)."""
+        """Learn column kinds, categories, medians, means and stds from the training rows."""
         self.columns, self.dropped = [], {}
         for col in frame.columns:
             spec = self._fit_column(str(col), frame[col])
@@ -164,8 +169,11 @@ class TabularPreprocessor:
             return None
         if pd.api.types.is_bool_dtype(dtype) or isinstance(dtype, pd.CategoricalDtype):
             kind, parse_text = "categorical", False
-        elif (pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype)
-              or isinstance(dtype, (pd.PeriodDtype, pd.IntervalDtype))):
+        elif (
+            pd.api.types.is_datetime64_any_dtype(dtype)
+            or pd.api.types.is_timedelta64_dtype(dtype)
+            or isinstance(dtype, (pd.PeriodDtype, pd.IntervalDtype))
+        ):
             raise _unencodable(name, f"holds dates/times ({dtype})")
         elif pd.api.types.is_complex_dtype(dtype):
             raise _unencodable(name, "holds complex numbers")
@@ -175,14 +183,18 @@ class TabularPreprocessor:
             kind, parse_text = _classify_object(name, s)
 
         if kind == "numeric":
-            values = self._numeric_values(ColumnSpec(name, kind, parse_text), s, "training")
+            values = self._numeric_values(ColumnSpec(name, kind, parse_text), s, "train")
             present = values[~np.isnan(values)]
             if present.size == 0:
                 self.dropped[name] = "all values missing in the training split"
                 return None
             integral = bool(np.all(present == np.round(present)))
-            if (looks_like_id_name(name) and integral and present.size > 1
-                    and np.unique(present).size == present.size):
+            if (
+                looks_like_id_name(name)
+                and integral
+                and present.size > 1
+                and np.unique(present).size == present.size
+            ):
                 self.dropped[name] = "ID-like: every training value is a distinct integer"
                 return None
             median = float(np.median(present))
@@ -221,7 +233,7 @@ class TabularPreprocessor:
         return values
 
     def transform(self, frame: pd.DataFrame, split: str = "given") -> np.ndarray:
-        """Features of ``frame`` as a float32 array [n, n_features]; ``split`` names it in errors."""
+        """Features of ``frame``, float32 [n, n_features]; ``split`` names the part in errors."""
         if not self.fitted:
             raise RuntimeError("TabularPreprocessor.transform called before fit")
         missing = [spec.name for spec in self.columns if spec.name not in frame.columns]
@@ -239,7 +251,7 @@ class TabularPreprocessor:
                 with np.errstate(all="ignore"):
                     blocks.append(((values - spec.mean) / spec.std)[:, None])
             else:
-                codes = pd.Categorical(_as_text(s), categories=spec.categories).codes
+                codes = pd.Index(spec.categories).get_indexer(_as_text(s))  # -1 = unseen
                 onehot = np.zeros((len(s), len(spec.categories)), dtype=np.float64)
                 seen = codes >= 0
                 onehot[np.flatnonzero(seen), codes[seen]] = 1.0
@@ -247,9 +259,9 @@ class TabularPreprocessor:
         X = np.hstack(blocks) if blocks else np.zeros((len(frame), 0))
         with np.errstate(all="ignore"):
             X32 = X.astype(np.float32)
-        bad = ~np.isfinite(X32).all(axis=0)
-        if bad.any():
-            names = [n for n, b in zip(self.feature_names, bad) if b]
+        bad = np.flatnonzero(~np.isfinite(X32).all(axis=0))
+        if bad.size:
+            names = [self.feature_names[i] for i in bad]
             raise DatasetError(
                 f"preprocessing left NaN/inf in feature(s) {names[:5]} of the {split} split "
                 "(values too large to standardise in float32?): rescale or drop the column(s)"

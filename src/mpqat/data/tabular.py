@@ -25,7 +25,12 @@ from mpqat.data.fetch import read_named_table
 from mpqat.data.preprocess import TabularPreprocessor, encode_target
 from mpqat.data.readers import SUPPORTED_SUFFIXES, looks_like_path, read_table
 from mpqat.data.registry import find_dataset, get_dataset
-from mpqat.data.splits import TabularSplits, check_split, stratified_split, stratified_subsample
+from mpqat.data.splits import (
+    TabularSplits,
+    check_split,
+    stratified_split,
+    stratified_subsample,
+)
 from mpqat.errors import DatasetError
 
 
@@ -90,8 +95,11 @@ def load_dataset(
     rows = np.flatnonzero(~missing_target)
     y_all, class_names = encode_target(frame[column].iloc[rows], positive, column)
 
-    keep = np.arange(len(rows)) if max_rows is None else stratified_subsample(
-        y_all, max_rows, seed, class_names)
+    keep = (
+        np.arange(len(rows))
+        if max_rows is None
+        else stratified_subsample(y_all, max_rows, seed, class_names)
+    )
     y_kept = y_all[keep]
     parts = stratified_split(y_kept, fractions, seed, class_names)
     indices = {p: rows[keep[pos]] for p, pos in zip(("train", "valid", "test"), parts)}
@@ -105,9 +113,12 @@ def load_dataset(
 
     return TabularSplits(
         name=name,
-        X_train=X["train"], y_train=labels["train"],
-        X_valid=X["valid"], y_valid=labels["valid"],
-        X_test=X["test"], y_test=labels["test"],
+        X_train=X["train"],
+        y_train=labels["train"],
+        X_valid=X["valid"],
+        y_valid=labels["valid"],
+        X_test=X["test"],
+        y_test=labels["test"],
         feature_names=pre.feature_names,
         class_names=class_names,
         indices=indices,
@@ -126,7 +137,9 @@ def load_dataset(
     )
 
 
-def load_frame(name_or_path: str | os.PathLike[str], target: str | None = None) -> tuple[pd.DataFrame, str]:
+def load_frame(
+    name_or_path: str | os.PathLike[str], target: str | None = None
+) -> tuple[pd.DataFrame, str]:
     """The raw table (no split, no preprocessing) and its target column name.
 
     Example::

@@ -1,0 +1,39 @@
+"""The integer inference graph: export, bit-packed ``.mpq`` files, integer-only engine, ONNX and C.
+
+Example:
+    >>> import torch
+    >>> from mpqat import quantize, Uniform
+    >>> from mpqat.models import MLP
+    >>> model = quantize(MLP(4, 2, hidden=(8,)), Uniform(w_bits=4, a_bits=4))
+    >>> _ = model.train()(torch.randn(32, 4))
+    >>> graph = export(model, torch.randn(8, 4))
+    >>> x = torch.randn(5, 4)
+    >>> bool((graph.run(x.numpy()) == model.eval()(x).numpy()).all())
+    True
+"""
+
+from mpqat.export.convert import export, register_converter
+from mpqat.export.engine import EngineInputError, register_kernel
+from mpqat.export.ir import (
+    DequantizeOutput,
+    IntegerGraph,
+    IntegerLinear,
+    Node,
+    QuantizeInput,
+    Requantize,
+    register_node,
+)
+
+__all__ = [
+    "DequantizeOutput",
+    "EngineInputError",
+    "IntegerGraph",
+    "IntegerLinear",
+    "Node",
+    "QuantizeInput",
+    "Requantize",
+    "export",
+    "register_converter",
+    "register_kernel",
+    "register_node",
+]

@@ -1,0 +1,526 @@
+"""Learned bit-widths: a discrete bit-width per neuron (or per layer) from a continuous strength.
+
+The NMP-QAT quantizers (METHODS.md §1; "scale when needed"). Every row of bits (an output neuron
+for weights, an input feature for activations, or the whole tensor) has a *strength*
+``s in [0, 1]`` and a sorted candidate set ``b_1 < ... < b_K`` with thresholds
+``0 < t_1 < ... < t_{K-1} < 1``:
+
+* **forward (hard)**: the row uses exactly ``b(s) = b_k`` for ``t_{k-1} <= s < t_k``;
+* **backward (surrogate)**: the output is treated as the soft mixture
+  ``sum_k pi_k(s) Q_k(x)`` with telescoping sigmoid weights ``g_k = sigmoid((s - t_k)/tau)``,
+  ``pi_1 = 1 - g_1``, ``pi_k = g_{k-1} - g_k``, ``pi_K = g_{K-1}``, so
+  ``dL/ds = sum_k dpi_k/ds <dL/dy, Q_k(x)>`` (the first-order change of the loss when the row moves
+  toward another candidate), with straight-through rounding inside every ``Q_k``.
+
+The candidates are evaluated together as one ``[K, ...]`` tensor (no Python loop over neurons or
+candidates); each quantizer is one :class:`torch.autograd.Function` whose backward is written out.
+
+* :class:`NeuronBitsWeightQuantizer`: signed weights; one LSQ step per (candidate, neuron), the
+  1-bit candidate starting from the row's absmean (XNOR scale). Its backward is the full surrogate:
+  the weight and every candidate's step get the gradient of the mixture. For the strength, every
+  candidate row is first rescaled to the chosen row's norm (the integer codes' *direction* is what
+  more bits buy; the scales are learned anyway), because with unmatched scales the candidate with
+  the larger norm wins whenever the loss wants larger logits, whatever the precision.
+* :class:`NeuronBitsActQuantizer`: layer inputs, candidates {4, 8, 16} by default; one learned clip
+  ``alpha`` per feature (log domain), initialised from the first training batch. The grids are
+  nested powers of two: the lowest candidate's step is ``2**round(log2(alpha / Q_P(b_1)))`` and
+  every extra bit halves it, so every eval step is ``2**k`` and all candidates clip at about
+  ``alpha``. To keep the per-batch cost low, the input and the clip get the straight-through/LSQ
+  gradient of the *chosen* candidate; the strength gets the mixture's gradient with every
+  candidate clipped at the lowest candidate's range (it compares resolutions; otherwise values
+  above the 4-bit clip ask for 8 bits when they only ask for a larger clip).
+* The strengths are not updated by the trainer's optimizer but by :meth:`_LearnedBits.step_strength`
+  (momentum over the gradient normalised per layer) so that, within a layer, a neuron's bits
+  grow at a speed that reflects how strongly the loss asks for them.
+
+Bit-widths (and strengths) have one broadcastable shape: ``[out, 1]`` per neuron or ``[1, 1]`` per
+layer for weights, ``[features]`` or ``[1]`` for activations, so ``granularity: layer`` is the
+same code. In eval mode (and for :func:`mpqat.freeze`) the quantizers expose exactly the interface
+of :class:`~mpqat.quant.uniform.LSQWeightQuantizer` / :class:`~mpqat.quant.uniform.Pow2ActQuantizer`
+at the hard choice (``scale()``, ``integer_codes``, ``bits()``, ``exponents()``, ``step()``), so
+``QuantLinear``'s exact path, :mod:`mpqat.cost` and the integer export work unchanged, and
+:meth:`frozen` returns those fixed quantizers with identical outputs.
+
+Example:
+    >>> import torch
+    >>> q = NeuronBitsWeightQuantizer(out_features=3, in_features=4)
+    >>> w = torch.randn(3, 4)
+    >>> q.train()(w).shape, q.bits().tolist()          # every neuron starts at the lowest candidate
+    (torch.Size([3, 4]), [1.0, 1.0, 1.0])
+    >>> with torch.no_grad():
+    ...     q.strength[0] = 0.6                          # t_2 = 0.5 <= s < t_3 = 0.75: 4 bits
+    >>> q.bits().tolist()
+    [4.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from mpqat.quant.functional import (
+    MANTISSA_BITS,
+    act_int_range,
+    quantize_act_int,
+    quantize_weight_int,
+    round_half_up,
+    weight_int_range,
+)
+from mpqat.quant.uniform import LSQWeightQuantizer, Pow2ActQuantizer
+
+LN2 = math.log(2.0)
+
+
+def check_candidates(candidates: Sequence[int], thresholds: Sequence[float], lo: int, hi: int, what: str) -> None:
+    """Raise ``ValueError`` unless the candidates are increasing integers in ``[lo, hi]`` with one
+    threshold fewer, strictly increasing inside ``(0, 1)``."""
+    cands = list(candidates)
+    if not cands or any(isinstance(b, bool) or not isinstance(b, int) or not lo <= b <= hi for b in cands):
+        raise ValueError(f"{what} candidate bits {tuple(cands)} are not supported: use integers in [{lo}, {hi}]")
+    if any(b >= c for b, c in zip(cands, cands[1:])):
+        raise ValueError(f"{what} candidate bits {tuple(cands)} must be strictly increasing")
+    ts = list(thresholds)
+    if len(ts) != len(cands) - 1:
+        raise ValueError(f"{len(cands)} {what} candidates need {len(cands) - 1} thresholds, got {len(ts)}")
+    if any(not (0.0 < t < 1.0) for t in ts) or any(a >= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"{what} thresholds {tuple(ts)} must be strictly increasing and inside (0, 1)")
+
+
+def _difference_matrix(k: int) -> torch.Tensor:
+    """``[K, K-1]`` matrix with ``pi = e_1 + D g``: ``pi_1 = 1 - g_1``, ``pi_k = g_{k-1} - g_k``, ``pi_K = g_{K-1}``."""
+    eye = torch.eye(k)
+    return eye[:, :-1].roll(1, 0) * (torch.arange(k) > 0).unsqueeze(1) - eye[:, :-1]
+
+
+def mixing_weights(strength: torch.Tensor, thresholds: torch.Tensor, tau: float,
+                   difference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Telescoping sigmoid weights ``pi`` and their derivatives ``dpi/ds``, both ``[K, *strength.shape]``.
+
+    ``g_k = sigmoid((s - t_k)/tau)``; ``pi = (1 - g_1, g_1 - g_2, ..., g_{K-1})`` sums to 1.
+    ``difference``: :func:`_difference_matrix` of ``K``, if the caller keeps one.
+
+    Example:
+        >>> pi, dpi = mixing_weights(torch.tensor([0.5]), torch.tensor([0.25, 0.75]), tau=0.05)
+        >>> [round(v, 4) for v in pi.flatten().tolist()], round(float(dpi.sum()), 6)
+        ([0.0067, 0.9866, 0.0067], 0.0)
+    """
+    k = thresholds.numel() + 1
+    shape = (k, *strength.shape)
+    if k == 1:
+        return torch.ones(shape, dtype=strength.dtype), torch.zeros(shape, dtype=strength.dtype)
+    d = _difference_matrix(k) if difference is None else difference
+    g = torch.sigmoid((strength.reshape(1, -1) - thresholds.reshape(-1, 1)).mul_(1.0 / tau))  # [K-1, n]
+    pi = torch.mm(d, g)
+    pi[0] += 1.0
+    dpi = torch.mm(d, torch.addcmul(g, g, g, value=-1.0)).mul_(1.0 / tau)
+    return pi.reshape(shape), dpi.reshape(shape)
+
+
+def hard_index(strength: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Index of the chosen candidate, ``#{k : s >= t_k}`` (int64, shape of ``strength``)."""
+    if thresholds.numel() == 0:
+        return torch.zeros(strength.shape, dtype=torch.int64, device=strength.device)
+    return torch.bucketize(strength.detach(), thresholds, right=True)
+
+
+def snapped(x: torch.Tensor) -> torch.Tensor:
+    """The value of :func:`~mpqat.quant.functional.snap_mantissa` for positive normal float32 ``x``.
+
+    Rounds the magnitude half up to ``MANTISSA_BITS`` significant bits by integer arithmetic on
+    the IEEE-754 representation (two kernels instead of seven; a carry moves into the exponent)."""
+    drop = 24 - MANTISSA_BITS  # float32 has 24 significant bits
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    return ((bits + (1 << (drop - 1))) & ~((1 << drop) - 1)).view(torch.float32).to(x.dtype)
+
+
+def _in_range(r: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Float mask of ``r == code`` for integer-valued tensors (1 where the clamp let ``r`` through).
+
+    Written with float arithmetic because comparison kernels are several times slower on CPU."""
+    return torch.sub(r, code).abs_().clamp_(max=1.0).neg_().add_(1.0)
+
+
+def _version_key(*tensors: torch.Tensor | None) -> tuple:
+    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+
+
+class _LearnedBits(nn.Module):
+    """Shared state of the learned-bit quantizers: candidates, thresholds, strengths, no-shrink floor."""
+
+    def __init__(self, candidates: Sequence[int], thresholds: Sequence[float], rows: tuple[int, ...],
+                 init_strength: float, tau: float) -> None:
+        super().__init__()
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.tau = float(tau)
+        self.rows = rows
+        self.register_buffer("candidates", torch.tensor([float(b) for b in candidates]))
+        self.register_buffer("thresholds", torch.tensor([float(t) for t in thresholds]))
+        # Lower edge of every bucket: [0, t_1, ..., t_{K-1}] (the no-shrink floor takes these values).
+        self.register_buffer("edges", torch.cat([torch.zeros(1), self.thresholds]))
+        self.register_buffer("difference", _difference_matrix(len(self.candidates)), persistent=False)
+        if len(self.candidates) > 1:
+            self.strength = nn.Parameter(torch.full(rows, float(init_strength)))
+            self.register_buffer("strength_floor", torch.zeros(rows))
+            # State of the strength update (:meth:`step_strength`): momentum, the running mean square
+            # of the whole quantizer's strength gradient, and the number of updates.
+            self.register_buffer("strength_momentum", torch.zeros(rows))
+            self.register_buffer("strength_sq", torch.zeros(()))
+            self.register_buffer("strength_updates", torch.zeros((), dtype=torch.int64))
+        else:
+            self.strength = None
+        self.register_buffer("initialized", torch.tensor(False))
+        # (parameter versions, derived tensors) of the last step: see _derived
+        self._cache: tuple[tuple, SimpleNamespace] | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_cache"] = None  # copies and pickles recompute their derived tensors
+        return state
+
+    def _strength(self) -> torch.Tensor:
+        return self.strength if self.strength is not None else self.candidates.new_zeros(self.rows)
+
+    def hard_index(self) -> torch.Tensor:
+        """Chosen candidate per row of bits (int64)."""
+        return hard_index(self._strength(), self.thresholds)
+
+    def hard_bits(self) -> torch.Tensor:
+        """Chosen bit-width per row of bits, shape of the strength."""
+        return self.candidates[self.hard_index()]
+
+    def expected_bits(self) -> torch.Tensor:
+        """Differentiable bits ``sum_k pi_k(s) b_k`` per row of bits (flattened)."""
+        if self.strength is None:
+            return self.candidates.reshape(1)
+        pi, _ = mixing_weights(self.strength, self.thresholds, self.tau, self.difference)
+        return (pi * self.candidates.reshape((-1,) + (1,) * self.strength.dim())).sum(0).reshape(-1)
+
+    def _derived(self, param: torch.Tensor) -> SimpleNamespace:
+        """Per-step tensors derived from the scale/clip parameter and the strength, cached while
+        neither changes (so ``QuantLinear``'s bias rounding reuses what the forward computed)."""
+        key = (*_version_key(param, self.strength), self.tau)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._compute_derived(param.detach()))
+        return self._cache[1]
+
+    def _compute_derived(self, param: torch.Tensor) -> SimpleNamespace:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step_strength(self, lr: float, allow_shrink: bool, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        """Update the strengths from their gradient, then :meth:`constrain` them; clears the gradient.
+
+        Momentum on the gradient divided by the root of its running mean square over the *whole*
+        quantizer (Adam with one second moment per layer instead of per neuron): the neurons of a
+        layer move in proportion to how strongly the loss asks for bits, the most demanding ones by
+        about ``lr`` per step. (Per-neuron Adam would move a weak but consistent demand as fast as
+        a strong one.)"""
+        if self.strength is None or self.strength.grad is None:
+            return
+        grad = self.strength.grad
+        beta1, beta2 = betas
+        self.strength_updates += 1
+        t = int(self.strength_updates)
+        self.strength_momentum.lerp_(grad, 1.0 - beta1)
+        self.strength_sq.lerp_(grad.square().mean(), 1.0 - beta2)
+        denom = (self.strength_sq / (1.0 - beta2**t)).sqrt_().add_(1e-12)
+        self.strength.sub_(self.strength_momentum / denom, alpha=lr / (1.0 - beta1**t))
+        self.strength.grad = None
+        self.constrain(allow_shrink)
+
+    @torch.no_grad()
+    def constrain(self, allow_shrink: bool) -> None:
+        """Keep ``s`` in ``[0, 1]``; without ``allow_shrink`` never let a row fall back below the
+        lowest edge of the highest bucket it has reached."""
+        if self.strength is None:
+            return
+        if allow_shrink:
+            self.strength.clamp_(0.0, 1.0)
+            return
+        torch.maximum(self.strength.clamp_(max=1.0), self.strength_floor, out=self.strength)
+        self.strength_floor.copy_(self.edges[self.hard_index()])
+
+
+class _WeightSurrogate(torch.autograd.Function):
+    """Hard per-row weight quantization forward, mixture-of-candidates backward."""
+
+    @staticmethod
+    def forward(ctx, weight, step, strength, quant):  # noqa: D102  (autograd API)
+        d = quant._derived(step)
+        u = weight.unsqueeze(0) * d.inv_sc  # [K, out, in]
+        r = (u + 0.5).floor_()
+        code = torch.maximum(r, d.qmin)
+        torch.minimum(code, d.qmax, out=code)
+        if d.binary_first:  # sign(w) with sign(0) = +1
+            code[0] = torch.sign(weight).add_(0.5).sign_()
+        index = d.index.expand(1, *weight.shape)
+        ctx.d = d
+        ctx.save_for_backward(weight, u, r, code)
+        return code.gather(0, index).squeeze(0).mul_(d.sc_h)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        weight, u, r, code = ctx.saved_tensors
+        d = ctx.d
+        # In-range masks of the straight-through estimators: round(u) unclipped, |u| <= 1 at 1 bit.
+        mask = _in_range(r, code)
+        if d.binary_first:
+            mask[0] = u[0].abs().sub_(1.0).ceil_().clamp_(0.0, 1.0).neg_().add_(1.0)
+        pi = d.pi
+        grad_w = grad * (mask[0] if pi is None else (mask * pi).sum(0))
+        inner = (code * grad).sum(-1, keepdim=True)  # <G_j, code_k(W_j)>, [K, out, 1]
+        # LSQ: d(code * sc)/d sc = code - u * mask, weighted by pi_k and the LSQ gradient scale.
+        masked = mask.mul_(grad * weight).sum(-1, keepdim=True)
+        g_step = (inner - masked * d.inv_sc) * d.step_grad_scale
+        if pi is not None:
+            g_step = g_step * pi
+        if d.sc.shape[1] == 1 and g_step.shape[1] != 1:
+            g_step = g_step.sum(1, keepdim=True)
+        g_strength = None
+        if pi is not None and ctx.needs_input_grad[2]:
+            # Scale-matched mixture: every candidate row rescaled to the chosen row's norm, so the
+            # strength compares what the bits can express (the direction of the integer codes),
+            # not the candidates' scales, which the steps learn anyway.
+            norm = code.square().sum(-1, keepdim=True).sqrt_().clamp_min_(1e-12)  # ||code_k||, [K, out, 1]
+            chosen = norm.gather(0, d.index[..., :1].expand(1, norm.shape[1], 1)).squeeze(0).mul_(d.sc_h)
+            g_strength = (d.dpi * (inner / norm)).sum(0) * chosen
+            if d.dpi.shape[1] == 1:
+                g_strength = g_strength.sum(0, keepdim=True)
+        return grad_w, g_step, g_strength, None
+
+
+class NeuronBitsWeightQuantizer(_LearnedBits):
+    """Signed weight quantizer with a learned bit-width per output neuron (or per layer).
+
+    ``per_neuron_bits``: one strength per output neuron (``[out, 1]``) or one per layer (``[1, 1]``).
+    ``per_neuron``: one LSQ step per (candidate, neuron) ``[K, out, 1]`` or per candidate ``[K, 1, 1]``.
+    """
+
+    def __init__(self, out_features: int, in_features: int, candidates: Sequence[int] = (1, 2, 4, 8),
+                 thresholds: Sequence[float] = (0.25, 0.5, 0.75), init_strength: float = 0.10,
+                 tau: float = 0.05, per_neuron_bits: bool = True, per_neuron: bool = True) -> None:
+        check_candidates(candidates, thresholds, 1, 16, "weight")
+        super().__init__(candidates, thresholds, (out_features if per_neuron_bits else 1, 1), init_strength, tau)
+        self.out_features, self.in_features = out_features, in_features
+        self.per_neuron = per_neuron
+        k = len(self.candidates)
+        self.step = nn.Parameter(torch.ones(k, out_features if per_neuron else 1, 1))
+        qmax = weight_int_range(self.candidates).reshape(k, 1, 1)
+        self.register_buffer("qmax", qmax)
+        self.register_buffer("qmin", -qmax)
+        n = in_features * (1 if per_neuron else out_features)
+        self.register_buffer("grad_scale", 1.0 / torch.sqrt(n * qmax))
+        self.binary_first = bool(self.candidates[0] <= 1)
+
+    @torch.no_grad()
+    def initialize(self, weight: torch.Tensor) -> None:
+        """LSQ init ``2*mean|w|/sqrt(Q_P)`` per candidate; ``mean|w|`` (absmean, XNOR) at 1 bit."""
+        dims = 1 if self.per_neuron else (0, 1)
+        mean_abs = weight.abs().mean(dim=dims, keepdim=True).reshape(1, -1, 1).clamp_min(1e-8)
+        lsq = 2 * mean_abs / torch.sqrt(self.qmax)
+        self.step.copy_(torch.where(self.candidates.reshape(-1, 1, 1) <= 1, mean_abs, lsq))
+        self.initialized.fill_(True)
+
+    def _compute_derived(self, step: torch.Tensor) -> SimpleNamespace:
+        """Per-step constants: snapped steps ``sc`` ``[K, S, 1]`` and inverses, the chosen index
+        ``[N, 1]`` (``N = max(S, R)``) and step ``sc_h``, the mixing weights and their derivatives."""
+        sc = snapped(step.abs().clamp_min(1e-12))
+        index = self.hard_index()
+        rows = max(sc.shape[1], index.shape[0])
+        index = index.expand(rows, 1).unsqueeze(0)  # [1, N, 1]
+        sc_h = sc.expand(-1, rows, 1).gather(0, index).squeeze(0)
+        pi = dpi = None
+        if self.strength is not None:
+            pi, dpi = mixing_weights(self.strength.detach(), self.thresholds, self.tau, self.difference)
+        return SimpleNamespace(sc=sc, inv_sc=1.0 / sc, index=index, sc_h=sc_h, pi=pi, dpi=dpi,
+                               qmin=self.qmin, qmax=self.qmax, binary_first=self.binary_first,
+                               step_grad_scale=self.grad_scale * torch.sign(step))
+
+    @property
+    def bit_widths(self) -> torch.Tensor:
+        """Hard bits per row of bits, ``[out, 1]`` or ``[1, 1]`` (the LSQ quantizer's buffer shape)."""
+        return self.hard_bits()
+
+    def scale(self) -> torch.Tensor:
+        """Chosen candidate's dyadic step per row, ``[out, 1]`` (or ``[1, 1]``); no gradient."""
+        return self._derived(self.step).sc_h
+
+    def bits(self) -> torch.Tensor:
+        """Hard bit-width per output neuron, shape ``[out]`` or ``[1]``."""
+        return self.hard_bits().reshape(-1)
+
+    def integer_codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes at the chosen bits and scale (what the integer graph stores)."""
+        return quantize_weight_int(weight, self.scale().to(weight.dtype), self.bit_widths.to(weight.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.integer_codes(weight) * self.scale().to(weight.dtype)
+        if not bool(self.initialized):
+            self.initialize(weight)
+        return _WeightSurrogate.apply(weight, self.step, self.strength, self)
+
+    @torch.no_grad()
+    def frozen(self) -> LSQWeightQuantizer:
+        """A fixed :class:`LSQWeightQuantizer` with the chosen bits and scales (identical outputs)."""
+        scale = self.scale()
+        fixed = LSQWeightQuantizer(self.out_features, self.in_features, bits=1, per_neuron=scale.shape[0] > 1)
+        fixed.bit_widths.copy_(self.bit_widths.expand_as(fixed.bit_widths))
+        fixed.step.copy_(scale)
+        fixed.initialized.fill_(True)
+        return fixed
+
+    def extra_repr(self) -> str:
+        return (f"out_features={self.out_features}, in_features={self.in_features}, "
+                f"candidates={self.candidates.int().tolist()}, tau={self.tau:g}")
+
+
+class _ActSurrogate(torch.autograd.Function):
+    """Hard per-feature activation quantization forward; STE/LSQ of the chosen candidate for the
+    input and the clip, mixture-of-candidates gradient for the strength."""
+
+    @staticmethod
+    def forward(ctx, x, log2_clip, strength, quant):  # noqa: D102
+        d = quant._derived(log2_clip)
+        u = x * d.inv_step_h  # exact: the steps are powers of two
+        r = (u + 0.5).floor_()
+        code = torch.maximum(r, d.qmin_h) if d.signed else r.clamp_min(0.0)
+        torch.minimum(code, d.qmax_h, out=code)
+        ctx.d = d
+        ctx.save_for_backward(x, u, r, code)
+        return code * d.step_h
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, u, r, code = ctx.saved_tensors
+        d = ctx.d
+        grad_x = grad * _in_range(r, code)
+        # LSQ gradient of the chosen power-of-two step 2**round(log2 alpha - ...):
+        # sum_batch G * (code - u * mask) * step * ln 2, times the gradient scale.
+        g_clip = torch.addcmul(grad * code, grad_x, u, value=-1.0).sum(0).mul_(d.clip_grad_scale)
+        if d.clip_numel == 1:
+            g_clip = g_clip.sum().reshape(1)
+        g_strength = None
+        if d.dpi is not None and ctx.needs_input_grad[2]:
+            # Every candidate on its nested grid, all clipped at the lowest candidate's range: the
+            # strength gradient compares resolutions; the range is the clip's job.
+            codes = (x.unsqueeze(0) * d.inv_steps).add_(0.5).floor_()  # [K, B, C]
+            if d.signed:
+                torch.maximum(codes, d.common_qmin, out=codes)
+            else:
+                codes.clamp_(min=0.0)
+            torch.minimum(codes, d.common_qmax, out=codes)
+            inner = codes.mul_(grad).sum(1)  # <G_i, code_k(x_i)>, [K, C']
+            g_strength = (d.dpi_steps * inner).sum(0)
+            if d.dpi.shape[1] == 1:
+                g_strength = g_strength.sum().reshape(1)
+        return grad_x, g_clip, g_strength, None
+
+
+class NeuronBitsActQuantizer(_LearnedBits):
+    """Activation (layer input) quantizer with a learned bit-width per feature (or per layer).
+
+    ``per_feature_bits``: strengths ``[features]`` or ``[1]``; ``per_feature``: clips ``[features]``
+    or ``[1]``. ``signed=False`` maps to ``[0, 2**b - 1]`` (and so applies the ReLU).
+    The clip is initialised on the first training batch to the ``init_quantile`` of ``|x|``.
+    """
+
+    def __init__(self, features: int, signed: bool, candidates: Sequence[int] = (4, 8, 16),
+                 thresholds: Sequence[float] = (1 / 3, 2 / 3), init_strength: float = 0.15, tau: float = 0.05,
+                 per_feature_bits: bool = True, per_feature: bool = True, init_quantile: float = 0.999) -> None:
+        check_candidates(candidates, thresholds, 2, 16, "activation")
+        super().__init__(candidates, thresholds, (features if per_feature_bits else 1,), init_strength, tau)
+        self.features, self.signed, self.per_feature = features, signed, per_feature
+        self.init_quantile = float(init_quantile)
+        self.log2_clip = nn.Parameter(torch.zeros(features if per_feature else 1))
+        qmin, qmax = act_int_range(self.candidates, signed)
+        self.register_buffer("qmin", qmin)
+        self.register_buffer("qmax", qmax)
+        self.register_buffer("log2_qmax", torch.log2(qmax))
+        self.register_buffer("extra_bits", self.candidates - self.candidates[0])
+        self.register_buffer("common_qmax", (qmax[0] * torch.exp2(self.extra_bits)).reshape(-1, 1, 1))
+        n = features if not per_feature else 1
+        self.register_buffer("grad_scale", 1.0 / torch.sqrt(n * qmax))
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Clip ``alpha`` = the ``init_quantile`` of ``|x|`` per feature (dead features: the median)."""
+        flat = x.detach().reshape(-1, self.features).abs().float()
+        if self.per_feature:
+            alpha = torch.quantile(flat, self.init_quantile, dim=0)
+            alive = alpha > 0
+            fill = alpha[alive].median() if bool(alive.any()) else torch.tensor(1.0)
+            alpha = torch.where(alive, alpha, fill)
+        else:
+            alpha = torch.quantile(flat.reshape(-1), self.init_quantile).reshape(1)
+        self.log2_clip.copy_(torch.log2(alpha.clamp_min(1e-6)))
+        self.initialized.fill_(True)
+
+    def _compute_derived(self, log2_clip: torch.Tensor) -> SimpleNamespace:
+        """Per-step constants: every candidate's step ``[K, 1, C]`` and its inverse, the chosen step,
+        inverse step and code range per feature, the mixing-weight derivatives times the steps."""
+        # Nested grids: the lowest candidate's step is the power of two nearest alpha / Q_P(b_1); a
+        # candidate with b more bits halves it (b - b_1) times, so every candidate clips at ~alpha.
+        exps = round_half_up(log2_clip - self.log2_qmax[0]).unsqueeze(0) - self.extra_bits.unsqueeze(1)  # [K, C]
+        index = self.hard_index()
+        cols = max(exps.shape[1], index.shape[0])
+        e_h = exps.expand(-1, cols).gather(0, index.expand(cols).unsqueeze(0)).squeeze(0)
+        steps, step_h = torch.exp2(exps), torch.exp2(e_h)
+        dpi = dpi_steps = None
+        if self.strength is not None:
+            _, dpi = mixing_weights(self.strength.detach(), self.thresholds, self.tau, self.difference)  # [K, R]
+            dpi_steps = dpi * steps
+        return SimpleNamespace(
+            inv_steps=torch.exp2(-exps).unsqueeze(1), step_h=step_h, inv_step_h=torch.exp2(-e_h),
+            qmin_h=self.qmin[index], qmax_h=self.qmax[index], signed=self.signed, dpi=dpi, dpi_steps=dpi_steps,
+            common_qmin=-self.common_qmax, common_qmax=self.common_qmax, clip_numel=log2_clip.numel(),
+            clip_grad_scale=step_h * self.grad_scale[index] * LN2,
+        )
+
+    @property
+    def bit_widths(self) -> torch.Tensor:
+        """Hard bits, ``[features]`` when bits or clips are per feature, else ``[1]``."""
+        bits = self.hard_bits()
+        return bits.expand(self.features) if self.per_feature and bits.numel() == 1 else bits
+
+    def exponents(self) -> torch.Tensor:
+        """Integer exponents ``k`` of the chosen steps ``2**k`` (int64, shape of :attr:`bit_widths`)."""
+        return torch.frexp(self.step())[1].to(torch.int64) - 1  # exact for powers of two
+
+    def step(self) -> torch.Tensor:
+        """Chosen power-of-two step per feature (no gradient)."""
+        return self._derived(self.log2_clip).step_h
+
+    def bits(self) -> torch.Tensor:
+        """Hard bit-width per feature, shape ``[features]`` or ``[1]``."""
+        return self.bit_widths
+
+    def integer_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer activation codes at the chosen bits and steps."""
+        return quantize_act_int(x, self.step().to(x.dtype), self.bit_widths.to(x.device), self.signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.integer_codes(x) * self.step().to(x.dtype)
+        if not bool(self.initialized):
+            self.initialize(x)
+        return _ActSurrogate.apply(x, self.log2_clip, self.strength, self)
+
+    @torch.no_grad()
+    def frozen(self) -> Pow2ActQuantizer:
+        """A fixed :class:`Pow2ActQuantizer` with the chosen bits and steps (identical outputs)."""
+        bits = self.bit_widths
+        fixed = Pow2ActQuantizer(self.features, bits=int(bits[0]), signed=self.signed, per_feature=bits.numel() > 1)
+        fixed.bit_widths.copy_(bits)
+        fixed.log2_step.copy_(self.exponents())
+        fixed.initialized.fill_(True)
+        return fixed
+
+    def extra_repr(self) -> str:
+        return (f"features={self.features}, signed={self.signed}, "
+                f"candidates={self.candidates.int().tolist()}, tau={self.tau:g}")
