@@ -12,6 +12,7 @@ Example:
 
 from mpqat.cost import CostReport, model_cost
 from mpqat.errors import MpqatError
+from mpqat.export import export
 from mpqat.freeze import freeze
 from mpqat.methods.nmp import NeuronBits
 from mpqat.quantize import quantize
@@ -28,6 +29,7 @@ __all__ = [
     "Recipe",
     "TrainConfig",
     "Uniform",
+    "export",
     "fit",
     "freeze",
     "load_recipe",

@@ -60,7 +60,8 @@ def data_list() -> None:
     from mpqat.data import list_datasets
 
     for info in list_datasets():
-        click.echo(f"{info.name:16s} {info.task:24s} {info.source}")
+        status = "fetched" if info.is_fetched else "not fetched"
+        click.echo(f"{info.name:16s} {status:12s} {info.task:24s} {info.source}")
 
 
 @data.command("fetch")
@@ -161,6 +162,67 @@ def report(run_dir: str) -> None:
 
     for path in write_report(Path(run_dir)):
         click.echo(f"wrote {path}")
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", "out_mpq", required=True, type=click.Path(), help="The .mpq file to write.")
+@click.option("--onnx", "onnx_path", default=None, type=click.Path(), help="Also write an ONNX model.")
+@click.option("--c", "c_dir", default=None, type=click.Path(), help="Also write C99 sources into this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
+def export_cmd(run_dir: str, out_mpq: str, onnx_path: str | None, c_dir: str | None, as_json: bool) -> None:
+    """Export a finished run to a bit-packed integer graph (.mpq), checked bit for bit on its test split."""
+    from mpqat.export.commands import export_run
+
+    result = export_run(run_dir, out_mpq, onnx_path=onnx_path, c_dir=c_dir)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        for key, value in result.items():
+            click.echo(f"{key}: {value}")
+
+
+@cli.command("run")
+@click.argument("mpq_path", type=click.Path())
+@click.option("--dataset", required=True, help="Dataset name or CSV/Parquet path.")
+@click.option("--target", default=None, help="Target column, for a CSV/Parquet dataset.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Split seed (use the run's seed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def run_cmd(mpq_path: str, dataset: str, target: str | None, seed: int, as_json: bool) -> None:
+    """Evaluate an exported .mpq model on a dataset's test split with the integer-only engine."""
+    from mpqat.export.commands import run_graph
+
+    result = run_graph(mpq_path, dataset, target=target, seed=seed)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        click.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
+@cli.command("inspect")
+@click.argument("mpq_path", type=click.Path())
+def inspect_cmd(mpq_path: str) -> None:
+    """Describe an .mpq file: layers, bit-width histograms, bytes per part."""
+    from mpqat.export.commands import inspect_graph
+
+    click.echo(inspect_graph(mpq_path))
+
+
+@cli.command()
+@click.option("--suite", required=True, help="A shipped suite (smoke, tabular, nmp, vision) or a YAML file.")
+@click.option("--seeds", type=int, default=None, help="Seeds 0..N-1 (default: the suite's).")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Runs in parallel.")
+@click.option("--out", type=click.Path(), default=None, help="Output folder (default: benchmarks/SUITE).")
+@click.option("--backend", type=click.Choice(["local", "ray", "inline"]), default="local", show_default=True)
+@click.option("--ray-address", default=None, help="Ray cluster address (default: start a local Ray instance).")
+@click.option("--only", multiple=True, metavar="GLOB", help="Train only DATASET/LABEL matching GLOB (repeatable).")
+def bench(suite, seeds, jobs, out, backend, ray_address, only) -> None:
+    """Run a benchmark suite; write results.json, summary.json, table.md, plots/ and README.md."""
+    from mpqat.bench import cli_bench
+
+    result = cli_bench(suite, seeds=seeds, jobs=jobs, out=out, backend=backend, ray_address=ray_address, only=only)
+    if isinstance(result, dict) and result.get("failures"):
+        raise MpqatError(f"{len(result['failures'])} benchmark run(s) failed; see their error.json files")
 
 
 def main() -> None:

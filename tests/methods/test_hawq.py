@@ -12,7 +12,6 @@ from torch import nn
 from mpqat.cost import model_cost
 from mpqat.errors import ConfigError
 from mpqat.methods import hooks_for
-from mpqat.methods.base import MethodHooks
 from mpqat.methods.hawq import (
     HawqHooks,
     HessianILP,
@@ -25,29 +24,6 @@ from mpqat.methods.hawq import (
 from mpqat.quantize import quantize
 from mpqat.recipes import recipe_from_dict
 from mpqat.train import TrainConfig
-
-TRAINER_PASSES_DATA = hasattr(MethodHooks, "on_fit_start")
-
-
-@pytest.fixture
-def trainer_passes_data(monkeypatch):
-    """Until the trainer calls ``hooks.on_fit_start(model, train, valid)`` itself, do it around ``fit``.
-
-    Inactive (a no-op) once ``MethodHooks.on_fit_start`` exists; then delete this fixture.
-    """
-    import mpqat.runs as runs
-
-    if TRAINER_PASSES_DATA:
-        return
-    original = runs.fit
-
-    def fit(model, train, valid, config, hooks=None, **kwargs):
-        if hasattr(hooks, "on_fit_start"):
-            hooks.on_fit_start(model, train, valid)
-        return original(model, train, valid, config, hooks, **kwargs)
-
-    monkeypatch.setattr(runs, "fit", fit)
-
 
 def _data(n=200, features=6, seed=0):
     rng = np.random.default_rng(seed)
@@ -179,7 +155,7 @@ def _cfg():
     return TrainConfig(epochs=8, batch_size=64, progress=False)
 
 
-def test_end_to_end_breast_cancer_meets_the_budget(tmp_path, trainer_passes_data):
+def test_end_to_end_breast_cancer_meets_the_budget(tmp_path):
     from mpqat.runs import load_run, train_run
 
     recipe = HessianILP(budget=3.0, fp_epochs=10, hutchinson_samples=64)
@@ -199,7 +175,7 @@ def test_end_to_end_breast_cancer_meets_the_budget(tmp_path, trainer_passes_data
     assert run.metrics["layer_bits"] == metrics["layer_bits"]
 
 
-def test_resume_after_the_allocation_gives_the_same_run(tmp_path, monkeypatch, trainer_passes_data):
+def test_resume_after_the_allocation_gives_the_same_run(tmp_path, monkeypatch):
     import mpqat.runs as runs
 
     recipe = HessianILP(budget=3.0, fp_epochs=3, hutchinson_samples=16)
@@ -238,7 +214,6 @@ def test_cli_reports_an_infeasible_budget_in_one_line(tmp_path):
     assert "smallest feasible budget is 2 average weight bits" in result.stderr
 
 
-@pytest.mark.skipif(not TRAINER_PASSES_DATA, reason="needs the trainer to call hooks.on_fit_start (pending)")
 def test_cli_trains_hawq_with_a_budget(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mpqat", "train", "--dataset", "breast-cancer", "--method", "hawq",

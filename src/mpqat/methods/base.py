@@ -45,6 +45,10 @@ class MethodHooks:
             groups.append({"params": quant, "lr": lr, "weight_decay": 0.0, "name": "quantizers"})
         return groups
 
+    def on_fit_start(self, model: nn.Module, train: tuple[Any, Any], valid: tuple[Any, Any]) -> None:
+        """Called once when fit starts (fresh or resumed), before any epoch, with the training and
+        validation arrays; for methods that need data (calibration, sensitivity analysis)."""
+
     def extra_loss(self, model: nn.Module, epoch: int, step: int) -> torch.Tensor:
         """A term added to the task loss (e.g. a bit-cost regularizer)."""
         return torch.zeros(())
