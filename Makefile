@@ -21,7 +21,7 @@ data: $(STAMP)
 	$(BIN)/mpqat data fetch all
 
 demo: setup
-	$(BIN)/mpqat train --dataset telco-churn --method nmp --epochs 30 --out $(DEMO) --force
+	$(BIN)/mpqat train --dataset telco-churn --config configs/nmp-budget.yaml --epochs 60 --lr 2e-3 --out $(DEMO) --force
 	$(BIN)/mpqat report $(DEMO)
 	$(BIN)/mpqat export $(DEMO) --out $(DEMO)/model.mpq --onnx $(DEMO)/model.onnx --c $(DEMO)/c
 	$(BIN)/mpqat run $(DEMO)/model.mpq --dataset telco-churn

@@ -131,11 +131,12 @@ def _quant_linear_cost(name: str, layer: QuantLinear) -> LayerCost:
     energy = mult + layer.macs() * ENERGY_INT32_ADD_PJ + weight_storage * ENERGY_SRAM_PJ_PER_BIT
     return LayerCost(
         name, "QuantLinear", n_in, n_out, layer.macs(), w_bits.tolist(), a_bits.tolist(), bitops,
-        weight_storage, float(meta), energy, _fp32_energy(layer.macs()),
+        weight_storage, float(meta), energy, fp32_energy(layer.macs()),
     )
 
 
-def _fp32_energy(macs: int) -> float:
+def fp32_energy(macs: int) -> float:
+    """Energy estimate (pJ) of ``macs`` FP32 multiply-accumulates with their weight reads."""
     return macs * (ENERGY_FP32_MULT_PJ + ENERGY_FP32_ADD_PJ + FP_BITS * ENERGY_SRAM_PJ_PER_BIT)
 
 
@@ -145,7 +146,7 @@ def _float_linear_cost(name: str, layer: nn.Linear) -> LayerCost:
     bias = n_out * FP_BITS if layer.bias is not None else 0
     return LayerCost(
         name, "Linear", n_in, n_out, macs, [float(FP_BITS)] * n_out, [float(FP_BITS)] * n_in,
-        float(macs * FP_BITS * FP_BITS), float(macs * FP_BITS), float(bias), _fp32_energy(macs), _fp32_energy(macs),
+        float(macs * FP_BITS * FP_BITS), float(macs * FP_BITS), float(bias), fp32_energy(macs), fp32_energy(macs),
     )
 
 
@@ -186,6 +187,11 @@ def model_cost(model: nn.Module) -> CostReport:
     layers = layer_costs(model)
     if not layers:
         raise ValueError("model_cost: the model has no linear or convolutional layer")
+    return aggregate_costs(layers)
+
+
+def aggregate_costs(layers: list[LayerCost]) -> CostReport:
+    """Whole-model figures from per-layer costs (also used for peer libraries' models)."""
     params = sum(layer.params for layer in layers)
     act_elems = sum(layer.in_features for layer in layers)
     weight_bits = sum(layer.weight_storage_bits for layer in layers)

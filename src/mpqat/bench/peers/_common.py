@@ -27,17 +27,16 @@ from torch.nn import functional as F
 
 from mpqat.cost import (
     BIAS_BITS,
-    ENERGY_FP32_ADD_PJ,
-    ENERGY_FP32_MULT_PJ,
     ENERGY_INT32_ADD_PJ,
     ENERGY_INT_MULT_8x8_PJ,
     ENERGY_SRAM_PJ_PER_BIT,
     EXPONENT_BITS,
-    FP_BITS,
     SCALE_BITS,
     WIDTH_CODE_BITS,
     CostReport,
     LayerCost,
+    aggregate_costs,
+    fp32_energy,
 )
 from mpqat.errors import ConfigError
 
@@ -238,33 +237,15 @@ def linear_layer_cost(
     energy = ENERGY_INT_MULT_8x8_PJ * bitops / 64 + macs * ENERGY_INT32_ADD_PJ + storage * ENERGY_SRAM_PJ_PER_BIT
     return LayerCost(
         name, kind, in_features, out_features, macs, w.mean(axis=1).tolist(), a.tolist(), bitops,
-        storage, float(meta), float(energy), _fp32_energy(macs),
+        storage, float(meta), float(energy), fp32_energy(macs),
     )
-
-
-def _fp32_energy(macs: int) -> float:
-    return macs * (ENERGY_FP32_MULT_PJ + ENERGY_FP32_ADD_PJ + FP_BITS * ENERGY_SRAM_PJ_PER_BIT)
 
 
 def cost_report(layers: list[LayerCost]) -> CostReport:
     """Aggregate per-layer costs exactly as :func:`mpqat.cost.model_cost` does."""
     if not layers:
         raise ConfigError("cost_report: no layer")
-    params = sum(layer.params for layer in layers)
-    act_elems = sum(layer.in_features for layer in layers)
-    weight_bits = sum(layer.weight_storage_bits for layer in layers)
-    meta_bits = sum(layer.metadata_bits for layer in layers)
-    return CostReport(
-        avg_weight_bits=weight_bits / params,
-        avg_act_bits=sum(sum(layer.act_bits) for layer in layers) / act_elems,
-        bitops=sum(layer.bitops for layer in layers),
-        size_bytes=(weight_bits + meta_bits) / 8,
-        energy_pj=sum(layer.energy_pj for layer in layers),
-        fp32_bitops=float(sum(layer.macs for layer in layers) * FP_BITS * FP_BITS),
-        fp32_size_bytes=(params * FP_BITS + sum(layer.out_features * FP_BITS for layer in layers)) / 8,
-        fp32_energy_pj=sum(layer.fp32_energy_pj for layer in layers),
-        layers=layers,
-    )
+    return aggregate_costs(layers)
 
 
 def cost_extra(report: CostReport) -> dict[str, Any]:
