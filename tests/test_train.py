@@ -5,6 +5,7 @@ import json
 import pytest
 
 from mpqat.errors import CheckpointError, ConfigError
+from mpqat.methods.nmp import NeuronBits
 from mpqat.recipes import Uniform
 from mpqat.runs import load_run, train_run
 from mpqat.train import TrainConfig, fit
@@ -71,13 +72,18 @@ def test_existing_run_is_not_overwritten_without_force(tmp_path):
     train_run("breast-cancer", Uniform(), tmp_path / "r", config=_cfg(epochs=1), force=True)
 
 
-def test_load_run_restores_the_same_predictions(tmp_path):
-    metrics = train_run("breast-cancer", Uniform(w_bits=2, a_bits=4), tmp_path / "r", config=_cfg())
+@pytest.mark.parametrize("recipe", [Uniform(w_bits=2, a_bits=4), NeuronBits(reg="bits", reg_weight=0.03)])
+def test_load_run_restores_the_same_predictions(tmp_path, recipe):
+    # The best epoch's weights, restored at the end of fit and again from disk, must give the
+    # validation accuracy that was measured live during training.
+    metrics = train_run("breast-cancer", recipe, tmp_path / "r", config=_cfg(epochs=8))
     run = load_run(tmp_path / "r")
     from mpqat.metrics import classification_metrics
     from mpqat.train import predict_logits
 
     splits = run.splits()
+    assert classification_metrics(predict_logits(run.model, splits.X_valid), splits.y_valid, "valid_")[
+        "valid_accuracy"] == metrics["valid_accuracy"]
     assert classification_metrics(predict_logits(run.model, splits.X_test), splits.y_test)["test_accuracy"] == metrics["test_accuracy"]
 
 
