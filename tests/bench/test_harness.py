@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +35,12 @@ from mpqat.errors import MpqatError
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "smoke"
-    t0 = time.perf_counter()
     result = run_suite("smoke", jobs=2, out=out, backend="local", progress=False)
-    return out, result, time.perf_counter() - t0
+    return out, result
 
 
 def test_smoke_suite_writes_every_output(smoke):
-    out, result, seconds = smoke
-    assert seconds < 60, f"the smoke suite must run in < 60 s, took {seconds:.1f} s"
+    out, result = smoke
     expected = [r.key for r in expand_suite(load_suite("smoke"))]
     records = json.loads((out / "results.json").read_text())["runs"]
     assert [r["key"] for r in records] == expected  # every run present, in suite order
@@ -66,7 +63,7 @@ def test_smoke_suite_writes_every_output(smoke):
 
 
 def test_smoke_summary_and_table_agree_with_the_runs(smoke):
-    out, _, _ = smoke
+    out, _ = smoke
     records = {r["label"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     cells = {c["label"]: c for c in json.loads((out / "summary.json").read_text())["cells"]}
     assert set(cells) == set(records)
@@ -86,14 +83,12 @@ def test_smoke_summary_and_table_agree_with_the_runs(smoke):
 
 
 def test_smoke_rerun_skips_every_finished_run(smoke):
-    out, first, _ = smoke
+    out, first = smoke
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.json")}
-    t0 = time.perf_counter()
     again = run_suite("smoke", jobs=2, out=out, progress=False)
     assert again["counts"]["ran"] == 0
     assert again["counts"]["cached"] == first["counts"]["ok"] + first["counts"]["cached"]
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.json")} == mtimes
-    assert time.perf_counter() - t0 < 20
 
 
 # ------------------------------------------------------------------------------ failures and peers
@@ -304,5 +299,5 @@ def test_measure_step_seconds_leaves_the_model_alone():
     X = np.random.default_rng(0).normal(size=(20, 6)).astype("float32")
     y = (X[:, 0] > 0).astype("int64")
     seconds = measure_step_seconds(model, X, y, batch_size=64, repeats=3, warmup=1, threads=1)
-    assert 0 < seconds < 1
+    assert seconds > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

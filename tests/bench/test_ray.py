@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import ray  # noqa: F401  (a missing Ray must fail this test, not skip it)
 
@@ -14,10 +13,7 @@ from mpqat.bench import expand_suite, load_suite, run_suite
 
 def test_smoke_suite_through_a_local_ray_instance(tmp_path):
     out = tmp_path / "smoke-ray"
-    t0 = time.perf_counter()
     result = run_suite("smoke", jobs=2, out=out, backend="ray", progress=False)
-    seconds = time.perf_counter() - t0
-    assert seconds < 60, f"smoke through Ray took {seconds:.1f} s"
     expected = [r.key for r in expand_suite(load_suite("smoke"))]
     records = json.loads((out / "results.json").read_text())["runs"]
     assert [r["key"] for r in records] == expected
