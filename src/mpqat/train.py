@@ -145,7 +145,8 @@ def fit(
 
     n = len(X_train)
     X_t, y_t = torch.from_numpy(X_train), torch.from_numpy(y_train)
-    bar = tqdm(range(start_epoch, config.epochs), desc="train", disable=not config.progress, unit="epoch",
+    # disable=None: a progress bar on a terminal, none in logs and pipes
+    bar = tqdm(range(start_epoch, config.epochs), desc="train", disable=None if config.progress else True, unit="epoch",
                initial=start_epoch, total=config.epochs, leave=False)
     stopped = False
     for epoch in bar:
