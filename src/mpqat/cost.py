@@ -231,3 +231,14 @@ def expected_weight_bits(model: nn.Module) -> torch.Tensor:
             total = total + bits.sum() * (module.out_features / bits.numel()) * module.in_features
             params += module.in_features * module.out_features
     return total / max(params, 1)
+
+
+def expected_act_bits(model: nn.Module) -> torch.Tensor:
+    """Differentiable element-weighted average input bits over the quantized layers (for cost regularizers)."""
+    total, elems = torch.zeros(()), 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            bits = module.act_quant.expected_bits()
+            total = total + bits.sum() * (module.in_features / bits.numel())
+            elems += module.in_features
+    return total / max(elems, 1)

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mpqat.cost import expected_bitops, expected_weight_bits, model_cost
+from mpqat.cost import expected_act_bits, expected_bitops, expected_weight_bits, model_cost
 from mpqat.errors import ConfigError
 from mpqat.methods.base import MethodHooks, is_quantizer_param, register_hooks
 from mpqat.nn.linear import QuantLinear
@@ -190,17 +190,6 @@ def _nmp_layer(layer: nn.Linear, ctx: LayerContext, recipe: NeuronBits) -> Quant
 def learned_bit_quantizers(model: nn.Module) -> list[_LearnedBits]:
     """Every learned-bit quantizer of ``model`` (fixed-bit ones included), in definition order."""
     return [m for m in model.modules() if isinstance(m, _LearnedBits)]
-
-
-def expected_act_bits(model: nn.Module) -> torch.Tensor:
-    """Differentiable element-weighted average input bits over the quantized layers."""
-    total, elems = torch.zeros(()), 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            bits = module.act_quant.expected_bits()
-            total = total + bits.sum() * (module.in_features / bits.numel())
-            elems += module.in_features
-    return total / max(elems, 1)
 
 
 def expected_cost(model: nn.Module, reg: str) -> torch.Tensor:
