@@ -6,6 +6,7 @@ Every user error is printed as one line ``mpqat: error: ...`` with exit status 2
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,11 +97,25 @@ def data_fetch(name: str, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--nproc", type=int, default=None,
+              help="Train data-parallel on N local processes (launches torchrun; --batch-size is the global batch).")
 def train(dataset, target, method, config, w_bits, a_bits, sets, model, hidden, epochs, batch_size, lr,
-          optimizer, patience, seed, max_rows, out, force, resume, quiet) -> None:
-    """Train a (quantized) model and write DIR/metrics.json, DIR/checkpoint.pt and DIR/recipe.yaml."""
+          optimizer, patience, seed, max_rows, out, force, resume, quiet, nproc) -> None:
+    """Train a (quantized) model and write DIR/metrics.json, DIR/checkpoint.pt and DIR/recipe.yaml.
+
+    Under ``torchrun --nproc-per-node N -m mpqat train ...`` (or with ``--nproc N``) it trains with
+    DistributedDataParallel; see ``mpqat.distributed``.
+    """
     from mpqat.runs import train_run
     from mpqat.train import TrainConfig
+
+    if nproc is not None and "WORLD_SIZE" not in os.environ:
+        from mpqat.distributed import launch_local, strip_option
+
+        code = launch_local(nproc, strip_option(sys.argv[1:], "--nproc"))
+        if code != 0:
+            raise click.exceptions.Exit(code)
+        return
 
     overrides = _parse_set(sets)
     for flag, value in (("w_bits", w_bits), ("a_bits", a_bits)):
@@ -112,8 +127,9 @@ def train(dataset, target, method, config, w_bits, a_bits, sets, model, hidden, 
                       seed=seed, progress=not quiet)
     metrics = train_run(dataset, recipe, out, model=model, hidden=hidden_list, config=cfg, target=target,
                         force=force, resume=resume, max_rows=max_rows)
-    click.echo(_summary_line(metrics))
-    click.echo(f"saved run to {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        click.echo(_summary_line(metrics))
+        click.echo(f"saved run to {out}")
 
 
 def _parse_hidden(hidden: str | None) -> list[int] | None:

@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch import nn
 
+from mpqat import distributed
 from mpqat.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from mpqat.cost import model_cost
 from mpqat.errors import CheckpointError, ConfigError
@@ -98,7 +99,10 @@ def train_run(
     """Train ``recipe`` on ``dataset`` into the run directory ``out``; returns ``metrics.json``'s content."""
     out = Path(out)
     config = config or TrainConfig()
-    _prepare_dir(out, force, resume)
+    ctx = distributed.context()  # under torchrun: only rank 0 writes files
+    if ctx.is_main:
+        _prepare_dir(out, force, resume)
+    distributed.barrier()
     splits = _load_splits(dataset, target, config.seed, max_rows)
     spec = model_spec(model, splits.n_features, splits.n_classes, hidden=hidden)
     info = {"dataset": dataset, "target": target, "seed": config.seed, "max_rows": max_rows,
@@ -106,8 +110,9 @@ def train_run(
     torch.manual_seed(config.seed)
     net = build_quantized(spec, recipe)
     hooks = hooks_for(recipe)
-    atomic_write_text(out / "run.json", json.dumps(info, indent=2))
-    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    if ctx.is_main:
+        atomic_write_text(out / "run.json", json.dumps(info, indent=2))
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists() and load_checkpoint(ckpt).get("finished"):
         raise ConfigError(f"the run in '{out}' has already finished; see {out / 'metrics.json'}")
@@ -126,14 +131,17 @@ def train_run(
         "epochs": result.epochs_run, "best_epoch": result.best_epoch,
         "resumed_from_epoch": result.resumed_from_epoch,
         "n_train": len(splits.y_train), "n_test": len(splits.y_test),
+        "world_size": result.world_size, "rank_divergence": result.rank_divergence,
         "hidden": spec["hidden"], "recipe": recipe.to_dict(),
         "bit_histograms": cost.bit_histograms(),
         **hooks.final_metrics(net),
     }
-    save_checkpoint(ckpt, {"fingerprint": fingerprint(info), "finished": True, "model": net.state_dict(),
-                           "epoch": result.epochs_run, "info": info})
-    atomic_write_text(out / "history.json", json.dumps(result.history, indent=2))
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    if ctx.is_main:
+        save_checkpoint(ckpt, {"fingerprint": fingerprint(info), "finished": True, "model": net.state_dict(),
+                               "epoch": result.epochs_run, "info": info})
+        atomic_write_text(out / "history.json", json.dumps(result.history, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    distributed.barrier()
     return metrics
 
 

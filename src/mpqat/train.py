@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from mpqat import distributed
 from mpqat.checkpoint import load_checkpoint, save_checkpoint
 from mpqat.errors import CheckpointError, ConfigError
 from mpqat.methods.base import MethodHooks
@@ -68,6 +69,9 @@ class FitResult:
     train_seconds: float = 0.0
     epochs_run: int = 0
     resumed_from_epoch: int = 0
+    world_size: int = 1
+    #: largest difference of the model state between ranks at the end (0.0: identical everywhere)
+    rank_divergence: float = 0.0
 
 
 def _make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
@@ -113,10 +117,13 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place; keep the weights of the best validation epoch.
 
-    ``checkpoint_path``: written atomically after every epoch. ``resume``: continue from it
-    (its ``fingerprint`` must match, so a run is never resumed under a different recipe).
+    ``checkpoint_path``: written atomically after every epoch (by rank 0 only when distributed).
+    ``resume``: continue from it (its ``fingerprint`` must match, so a run is never resumed under a
+    different recipe). Under ``torchrun`` the global batch ``config.batch_size`` is split over the
+    ranks; see :mod:`mpqat.distributed` for what is kept in sync and how.
     """
     hooks = hooks or MethodHooks()
+    ctx = distributed.context()
     X_train, y_train = train
     _check_finite(X_train, "training features")
     hooks.on_fit_start(model, train, valid)
@@ -145,8 +152,12 @@ def fit(
 
     n = len(X_train)
     X_t, y_t = torch.from_numpy(X_train), torch.from_numpy(y_train)
+    if ctx.active:
+        torch.manual_seed(config.seed + 1000 * ctx.rank)  # dropout masks differ per rank (see mpqat.distributed)
+    ddp: nn.Module | None = None
     # disable=None: a progress bar on a terminal, none in logs and pipes
-    bar = tqdm(range(start_epoch, config.epochs), desc="train", disable=None if config.progress else True, unit="epoch",
+    show = config.progress and ctx.is_main
+    bar = tqdm(range(start_epoch, config.epochs), desc="train", disable=None if show else True, unit="epoch",
                initial=start_epoch, total=config.epochs, leave=False)
     stopped = False
     for epoch in bar:
@@ -158,14 +169,30 @@ def fit(
         total_loss, steps = 0.0, 0
         for step, start in enumerate(range(0, n, config.batch_size)):
             idx = order[start : start + config.batch_size]
-            logits = model(X_t[idx])
-            loss = F.cross_entropy(logits, y_t[idx]) + hooks.extra_loss(model, epoch, step)
+            if ctx.active:
+                if ddp is None:  # first step: quantizer scales from the global batch, then DDP
+                    distributed.calibrate_quantizers(model, X_t[idx])
+                    ddp = distributed.wrap(model, ctx)
+                local = distributed.shard_indices(idx, ctx.rank, ctx.world_size)
+                logits = ddp(X_t[local])
+                # DDP averages gradients over ranks: weight each rank's mean loss by its share of
+                # the global batch, so the update is that of the mean loss over the global batch
+                task = (F.cross_entropy(logits, y_t[local], reduction="sum") * (ctx.world_size / len(idx))
+                        if len(local) else logits.sum() * 0.0)
+            else:
+                logits = model(X_t[idx])
+                task = F.cross_entropy(logits, y_t[idx])
+            loss = task + hooks.extra_loss(model, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             hooks.after_step(model)
+            if ctx.active:
+                distributed.sync_buffers(model)
             total_loss += float(loss.detach())
             steps += 1
+        if ctx.active:  # the logged loss is the global batch's, as in a single process
+            total_loss = float(distributed.all_reduce_(torch.tensor([total_loss], dtype=torch.float64), "mean"))
         if not math.isfinite(total_loss):
             raise ConfigError(
                 f"training diverged at epoch {epoch + 1} (loss is {total_loss}); lower --lr or check the data"
@@ -182,7 +209,7 @@ def fit(
             bad_epochs += 1
         stopped = bad_epochs >= config.patience
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", valid=f"{row['valid_accuracy']:.4f}")
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and ctx.is_main:
             state = {
                 "fingerprint": fingerprint, "epoch": epoch + 1, "model": _cpu_state(model),
                 "optimizer": optimizer.state_dict(), "best_state": best_state, "best_score": best_score,
@@ -192,6 +219,7 @@ def fit(
             save_checkpoint(checkpoint_path, state)
             if on_checkpoint is not None:
                 on_checkpoint(state)
+        distributed.barrier()  # the other ranks wait until rank 0 has written the checkpoint
         if stopped:
             break
     bar.close()
@@ -199,6 +227,8 @@ def fit(
     result.best_valid_accuracy = best_score
     result.train_seconds = elapsed
     result.epochs_run = len(result.history)
+    result.world_size = ctx.world_size
+    result.rank_divergence = distributed.check_in_sync(model, tolerance=math.inf)
     return result
 
 
