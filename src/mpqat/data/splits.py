@@ -109,6 +109,7 @@ class TabularSplits:
     ``indices[split]`` are the row positions in the source table; ``preprocessor`` is the
     fitted :class:`~mpqat.data.preprocess.TabularPreprocessor` (to transform new rows the same
     way); ``info`` records the target, seed, split, dropped columns and dropped rows.
+    Image datasets (``mpqat.data.images``) come as flat rows too, with ``input_shape`` set.
 
     Example::
 
@@ -129,6 +130,8 @@ class TabularSplits:
     indices: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     info: dict[str, Any] = field(default_factory=dict, repr=False)
     preprocessor: Any = field(default=None, repr=False, compare=False)
+    #: per-sample shape of the flat rows for image-like data (e.g. ``(1, 28, 28)``); None for tables
+    input_shape: tuple[int, ...] | None = None
 
     @property
     def n_features(self) -> int:

@@ -75,6 +75,8 @@ def load_dataset(
     (an ``.npz`` uses its arrays ``X`` and ``y``). ``seed`` fixes the subsample and the split;
     ``split`` gives the (train, valid, test) fractions; ``max_rows`` keeps a stratified random
     subset first (for quick runs). Every user mistake raises :class:`DatasetError`.
+    Image datasets (``mnist``, ``fashion-mnist``) keep their official splits and come as flat
+    standardised pixel rows with ``input_shape`` set (see :mod:`mpqat.data.images`).
 
     Example::
 
@@ -87,6 +89,15 @@ def load_dataset(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DatasetError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
+    image = find_dataset(name_or_path) if isinstance(name_or_path, str) else None
+    if image is not None and image.kind == "image":
+        from mpqat.data.images import load_image_dataset  # official splits: ``split`` does not apply
+
+        return load_image_dataset(image, seed=seed, max_rows=max_rows)
+    if image is not None and image.kind == "radio":
+        from mpqat.data.radio import load_radio  # generated splits: ``split`` does not apply
+
+        return load_radio(image.name, seed=seed, max_rows=max_rows)
     name, frame, column, positive, source = _read(name_or_path, target)
 
     missing_target = frame[column].isna().to_numpy()

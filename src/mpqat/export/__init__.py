@@ -13,6 +13,8 @@ Example:
 """
 
 from mpqat.export.convert import export, register_converter
+from mpqat.export import codebook as _codebook  # noqa: F401  (registers the ADQ codebook / threshold nodes)
+from mpqat.export import threshold as _threshold  # noqa: F401
 from mpqat.export.engine import EngineInputError, register_kernel
 from mpqat.export.ir import (
     DequantizeOutput,

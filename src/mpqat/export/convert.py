@@ -35,6 +35,7 @@ from torch import nn
 
 from mpqat.errors import ExportError
 from mpqat.export.ir import DequantizeOutput, IntegerGraph, IntegerLinear, Node, QuantizeInput, Requantize
+from mpqat.nn.conv import QuantConv1d, QuantConv2d
 from mpqat.nn.linear import QuantLinear
 from mpqat.quant.functional import dyadic_parts
 
@@ -66,6 +67,36 @@ def register_converter(module_type: type) -> Callable[[Converter], Converter]:
 
     def decorate(fn: Converter) -> Converter:
         _CONVERTERS[module_type] = fn
+        return fn
+
+    return decorate
+
+
+#: Quantizer types whose layers export to another node than IntegerLinear / (Re)quantize (e.g. ADQ's
+#: codebook weights and threshold activations, registered by mpqat.export.codebook / .threshold).
+WeightNodeMaker = Callable[[nn.Module, torch.Tensor, dict[str, Any]], Node]
+ActNodeMaker = Callable[[Builder, nn.Module, np.ndarray, np.ndarray, str], Node]
+_WEIGHT_NODES: dict[type, WeightNodeMaker] = {}
+_ACT_NODES: dict[type, ActNodeMaker] = {}
+
+
+def register_weight_node(quantizer_type: type) -> Callable[[WeightNodeMaker], WeightNodeMaker]:
+    """Decorator: ``make(weight_quant, weight_float64, fields) -> node`` replaces IntegerLinear for this
+    weight-quantizer type; ``fields`` holds ``bias``, ``mult``, ``scale_exp``, ``acc_exponent``, ``name``."""
+
+    def decorate(fn: WeightNodeMaker) -> WeightNodeMaker:
+        _WEIGHT_NODES[quantizer_type] = fn
+        return fn
+
+    return decorate
+
+
+def register_act_node(quantizer_type: type) -> Callable[[ActNodeMaker], ActNodeMaker]:
+    """Decorator: ``make(builder, act_quant, exponent, bits, name) -> node`` produces the input codes of a
+    layer for this activation-quantizer type (instead of QuantizeInput / Requantize)."""
+
+    def decorate(fn: ActNodeMaker) -> ActNodeMaker:
+        _ACT_NODES[quantizer_type] = fn
         return fn
 
     return decorate
@@ -136,9 +167,12 @@ def _convert_quant_linear(name: str, layer: QuantLinear, b: Builder) -> None:
             b_int = _integral(_np(layer.quantized_bias()).reshape(-1) / unit, "bias codes", name)
             k_acc = min(k_acc, int(k_bias[0]))
             bias = b_int * (np.int64(1) << np.int64(int(k_bias[0]) - k_acc))
-    b.nodes.append(b.quantizer_node(k, a_bits, bool(aq.signed)))
-    b.nodes.append(IntegerLinear(weight=codes, weight_bits=w_bits, bias=bias, mult=mult, scale_exp=scale_exp,
-                                 acc_exponent=k_acc, name=name))
+    make_act = _ACT_NODES.get(type(aq))
+    b.nodes.append(make_act(b, aq, k, a_bits, name) if make_act else b.quantizer_node(k, a_bits, bool(aq.signed)))
+    fields = dict(bias=bias, mult=mult, scale_exp=scale_exp, acc_exponent=k_acc, name=name)
+    make_weight = _WEIGHT_NODES.get(type(wq))
+    b.nodes.append(make_weight(wq, layer.weight.detach().double(), fields) if make_weight
+                   else IntegerLinear(weight=codes, weight_bits=w_bits, **fields))
     b.state = "acc"
 
 
@@ -197,6 +231,11 @@ def export(model: nn.Module, example: Any, check: bool = True) -> IntegerGraph:
         >>> export(model, torch.randn(4, 3)).output_dim
         2
     """
+    if any(isinstance(m, nn.Conv1d | nn.Conv2d | QuantConv1d | QuantConv2d) for m in model.modules()):
+        raise ExportError(
+            "conv export not supported yet: the integer graph is a chain of linear layers over [rows, features]; "
+            "evaluate convolutional models with `mpqat eval` (the eval path is already exact on the integer grid)"
+        )
     frozen = copy.deepcopy(model).eval()
     builder = Builder()
     leaves = _leaves(frozen)

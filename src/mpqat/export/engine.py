@@ -121,9 +121,12 @@ def _int64_only(node: Node, pipeline: str) -> None:
 
 @register_kernel(IntegerLinear)
 def _integer_linear(node: IntegerLinear, inp: TensorInfo, out: TensorInfo, pipeline: str) -> Kernel:
-    _int64_only(node, pipeline)
     wt = np.ascontiguousarray(_effective_weight(node, inp).T)
     bias = node.bias.copy()
+    if pipeline != "int64":  # not fused (e.g. before a threshold node): the accumulators carried in float64
+        if not node._report.float64_exact:
+            raise EngineInputError(f"layer '{node.name}' is too wide for the exact float64 path; use backend='int64'")
+        wt, bias = wt.astype(np.float64), bias.astype(np.float64)  # every partial sum < 2**53: exact
 
     def kernel(a: np.ndarray) -> np.ndarray:
         acc = a @ wt

@@ -126,7 +126,8 @@ def _array_fields(node: Node) -> list[dataclasses.Field]:
 
 
 def _scalar_fields(node: Node) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(node) if "store" not in f.metadata]
+    # init=False fields are derived when the graph is built (e.g. a codebook layer's expanded weights)
+    return [f for f in dataclasses.fields(node) if "store" not in f.metadata and f.init]
 
 
 def encode_graph(graph: IntegerGraph) -> tuple[bytes, dict[str, int]]:

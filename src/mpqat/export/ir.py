@@ -291,6 +291,10 @@ class IntegerLinear(Node):
     acc_exponent: int = 0
     name: str = ""
 
+    def storage_bits(self) -> np.ndarray:
+        """Bits stored per weight of each row (a codebook layer stores its index width instead)."""
+        return self.weight_bits
+
     @property
     def in_features(self) -> int:
         return int(self.weight.shape[1])
@@ -436,7 +440,7 @@ class IntegerGraph:
 
     def weight_bits_total(self) -> int:
         """Sum over every weight of its bit-width (the bit budget of the weights)."""
-        return int(sum(int(n.weight_bits.sum()) * n.in_features for n in self.linear_layers()))
+        return int(sum(int(n.storage_bits().sum()) * n.in_features for n in self.linear_layers()))
 
     def run(self, x: np.ndarray, backend: str = "auto") -> np.ndarray:
         """Logits (float64 ``[n, outputs]``) of float inputs ``x`` ``[n, inputs]``; see :mod:`mpqat.export.engine`."""

@@ -48,10 +48,18 @@ from mpqat.cost import model_cost
 from mpqat.errors import ConfigError
 from mpqat.methods.allocation import BUDGET_UNITS, Allocation, allocate, budget_costs, min_budget
 from mpqat.methods.base import MethodHooks, is_quantizer_param, register_hooks
-from mpqat.methods.sensitivity import hessian_omega, hutchinson_traces, loss_sensitivity
+from mpqat.methods.sensitivity import (
+    QuantizeFn,
+    hessian_omega,
+    hutchinson_traces,
+    loss_sensitivity,
+    quant_error,
+    uniform_fake_quant,
+)
 from mpqat.nn.linear import QuantLinear
 from mpqat.quant.uniform import LSQWeightQuantizer, Pow2ActQuantizer
-from mpqat.quantize import LayerContext, register_quantizer
+from mpqat.nn.conv import QuantConv1d, QuantConv2d
+from mpqat.quantize import LayerContext, layer_dims, make_quant_layer, register_quantizer
 from mpqat.recipes import Recipe, check_bits, register_recipe
 
 ArrayPair = tuple[np.ndarray, np.ndarray]
@@ -153,14 +161,15 @@ INFO_FIELDS = ("allocated", "sensitivity_seconds", "solve_seconds", "fp_valid_ac
 
 
 @register_quantizer(HessianILP)
-def _hawq_layer(layer: nn.Linear, ctx: LayerContext, recipe: HessianILP) -> QuantLinear:
-    """A uniform QuantLinear at a placeholder width (the largest candidate, or the pinned bits)."""
+def _hawq_layer(layer: nn.Module, ctx: LayerContext, recipe: HessianILP) -> QuantLinear:
+    """A uniform QuantLinear/QuantConv at a placeholder width (the largest candidate, or the pinned bits)."""
     pinned = recipe.pin_first_last and (ctx.is_first or ctx.is_last)
     bits = recipe.pinned_bits if pinned else max(recipe.candidates)
-    weight_quant = LSQWeightQuantizer(layer.out_features, layer.in_features, bits, per_neuron=True)
+    rows, fan_in, features = layer_dims(layer)
+    weight_quant = LSQWeightQuantizer(rows, fan_in, bits, per_neuron=True)
     a_bits = recipe.input_bits if ctx.is_first else recipe.a_bits
-    act_quant = Pow2ActQuantizer(layer.in_features, a_bits, signed=not ctx.input_after_relu)
-    qlayer = QuantLinear(layer, weight_quant, act_quant)
+    act_quant = Pow2ActQuantizer(features, a_bits, signed=not ctx.input_after_relu)
+    qlayer = make_quant_layer(layer, weight_quant, act_quant)
     qlayer.register_buffer("hawq_omega", torch.full((len(recipe.columns()),), math.nan, dtype=torch.float64))
     qlayer.register_buffer("hawq_trace", torch.full((3,), math.nan, dtype=torch.float64))
     qlayer.register_buffer("hawq_info", torch.zeros(len(INFO_FIELDS), dtype=torch.float64))
@@ -168,7 +177,11 @@ def _hawq_layer(layer: nn.Linear, ctx: LayerContext, recipe: HessianILP) -> Quan
 
 
 FloatForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-_FLOAT_FORWARD: dict[type, FloatForward] = {QuantLinear: lambda m, x: F.linear(x, m.weight, m.bias)}
+_FLOAT_FORWARD: dict[type, FloatForward] = {
+    QuantLinear: lambda m, x: F.linear(x, m.weight, m.bias),
+    QuantConv1d: lambda m, x: m.float_forward(x),
+    QuantConv2d: lambda m, x: m.float_forward(x),
+}
 
 
 def register_float_forward(layer_type: type) -> Callable[[FloatForward], FloatForward]:
@@ -292,16 +305,22 @@ def train_float(model: nn.Module, train: ArrayPair, valid: ArrayPair, epochs: in
 
 
 def measure_sensitivity(model: nn.Module, recipe: HessianILP, train: ArrayPair, valid: ArrayPair,
-                        generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``(omega [layers, columns], trace [layers, 3])`` of the float model (trace rows: Tr/n, s.e., samples)."""
-    layers = hawq_layers(model)
+                        generator: torch.Generator, layers: dict[str, nn.Module] | None = None,
+                        quantize: QuantizeFn = uniform_fake_quant) -> tuple[np.ndarray, np.ndarray]:
+    """``(omega [layers, columns], trace [layers, 3])`` of the float model (trace rows: Tr/n, s.e., samples).
+
+    ``layers`` (default: the HAWQ layers) and ``quantize`` (default: the uniform quantizer at LSQ's
+    initial step) let other methods reuse it, e.g. ADQ with its codebook quantizer. ``recipe`` needs
+    ``columns()``, ``sensitivity``, ``calibration_rows``, ``hutchinson_samples`` and ``hutchinson_tol``.
+    """
+    layers = hawq_layers(model) if layers is None else layers
     weights = {name: m.weight for name, m in layers.items()}
     columns = recipe.columns()
     trace = np.full((len(layers), 3), np.nan)
     with float_mode(model):
         if recipe.sensitivity == "loss":
             Xv, yv = _tensors(valid)
-            return loss_sensitivity(model, weights, Xv, yv, columns), trace
+            return loss_sensitivity(model, weights, Xv, yv, columns, quantize=quantize), trace
         X, y = _tensors(train)
         rows = torch.randperm(len(X), generator=generator)[: recipe.calibration_rows]
         estimates = hutchinson_traces(model, weights, X[rows], y[rows], max_samples=recipe.hutchinson_samples,
@@ -309,7 +328,7 @@ def measure_sensitivity(model: nn.Module, recipe: HessianILP, train: ArrayPair, 
     for i, name in enumerate(layers):
         est = estimates[name]
         trace[i] = (est.per_param, est.per_param_stderr, est.samples)
-    return hessian_omega(estimates, weights, columns), trace
+    return hessian_omega(estimates, weights, columns, functools.partial(quant_error, quantize=quantize)), trace
 
 
 def allowed_mask(recipe: HessianILP, n_layers: int) -> np.ndarray:

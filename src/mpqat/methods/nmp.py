@@ -39,7 +39,7 @@ from mpqat.errors import ConfigError
 from mpqat.methods.base import MethodHooks, is_quantizer_param, register_hooks
 from mpqat.nn.linear import QuantLinear
 from mpqat.quant.bits import NeuronBitsActQuantizer, NeuronBitsWeightQuantizer, _LearnedBits, check_candidates
-from mpqat.quantize import LayerContext, register_quantizer
+from mpqat.quantize import LayerContext, layer_dims, make_quant_layer, register_quantizer
 from mpqat.recipes import ACT_BITS_RANGE, WEIGHT_BITS_RANGE, Recipe, check_bits, register_recipe
 
 GRANULARITIES = ("neuron", "layer")
@@ -167,24 +167,25 @@ class NeuronBits(Recipe):
 
 
 @register_quantizer(NeuronBits)
-def _nmp_layer(layer: nn.Linear, ctx: LayerContext, recipe: NeuronBits) -> QuantLinear:
+def _nmp_layer(layer: nn.Module, ctx: LayerContext, recipe: NeuronBits) -> nn.Module:
     per_neuron = recipe.granularity == "neuron"
     fixed_w = recipe.first_layer_w_bits if ctx.is_first else None
     if ctx.is_last and recipe.last_layer_w_bits is not None:
         fixed_w = recipe.last_layer_w_bits
     w_cands, w_thresholds = ((fixed_w,), ()) if fixed_w is not None else (recipe.w_candidates, recipe.w_thresholds)
+    rows, fan_in, features = layer_dims(layer)
     weight_quant = NeuronBitsWeightQuantizer(
-        layer.out_features, layer.in_features, w_cands, w_thresholds, init_strength=recipe.w_init_strength,
+        rows, fan_in, w_cands, w_thresholds, init_strength=recipe.w_init_strength,
         tau=recipe.tau, per_neuron_bits=per_neuron, per_neuron=recipe.per_neuron_scale,
     )
     fixed_a = recipe.input_bits if ctx.is_first else None
     a_cands, a_thresholds = ((fixed_a,), ()) if fixed_a is not None else (recipe.a_candidates, recipe.a_thresholds)
     act_quant = NeuronBitsActQuantizer(
-        layer.in_features, signed=not ctx.input_after_relu, candidates=a_cands, thresholds=a_thresholds,
+        features, signed=not ctx.input_after_relu, candidates=a_cands, thresholds=a_thresholds,
         init_strength=recipe.a_init_strength, tau=recipe.tau, per_feature_bits=per_neuron,
         per_feature=recipe.per_feature_clip, init_quantile=recipe.clip_init_quantile,
     )
-    return QuantLinear(layer, weight_quant, act_quant)
+    return make_quant_layer(layer, weight_quant, act_quant)
 
 
 def learned_bit_quantizers(model: nn.Module) -> list[_LearnedBits]:

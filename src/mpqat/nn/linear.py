@@ -28,6 +28,53 @@ from torch.nn import functional as F
 
 from mpqat.quant.functional import round_half_up, round_ste
 
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+class _RoundToGrid(torch.autograd.Function):
+    """``round_half_up(b / unit) * unit`` with a straight-through gradient: the values and gradients
+    of ``round_ste(b / unit) * unit`` (``unit`` constant) in four kernels forward and two backward."""
+
+    @staticmethod
+    def forward(ctx, b, unit):  # noqa: D102  (autograd API)
+        ctx.save_for_backward(unit)
+        return torch.div(b, unit).add_(0.5).floor_().mul_(unit)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (unit,) = ctx.saved_tensors
+        return (grad * unit).div_(unit), None
+
+
+def round_to_grid(b: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Round ``b`` to the nearest multiple of ``unit`` (half up), straight-through gradient to ``b``.
+
+    ``unit`` gets no gradient. This is how the training path rounds a bias to the accumulator grid.
+
+    Example:
+        >>> round_to_grid(torch.tensor([0.3, 0.74]), torch.tensor(0.25)).tolist()
+        [0.25, 0.75]
+    """
+    unit = unit.detach()
+    if _transforms_active():  # vmap/grad of torch.func: the plain straight-through graph
+        return round_ste(b / unit) * unit
+    return _RoundToGrid.apply(b, unit)
+
+
+def training_accumulator_step(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """``layer.accumulator_step()`` in ``dtype`` for the training path: ``scale * 2**min(k)``.
+
+    Quantizers that cache their per-step tensors say so with ``cached_scale()`` (weights: the
+    per-row dyadic step) and ``cached_min_step()`` (activations: the smallest step ``2**min(k)``);
+    their product is exact in float32, so it equals ``accumulator_step()`` rounded to ``dtype``,
+    without its float64 round trip. Other quantizers fall back to ``accumulator_step()``.
+    """
+    cached_scale = getattr(layer.weight_quant, "cached_scale", None)
+    cached_min_step = getattr(layer.act_quant, "cached_min_step", None)
+    if cached_scale is None or cached_min_step is None or _transforms_active():
+        return layer.accumulator_step().to(dtype)
+    return (cached_scale().reshape(-1) * cached_min_step()).to(dtype)
+
 
 class QuantLinear(nn.Module):
     """Linear layer whose weights and inputs are quantized by the given quantizer modules.
@@ -71,8 +118,7 @@ class QuantLinear(nn.Module):
         w_q = self.weight_quant(self.weight)
         bias = self.bias
         if bias is not None:
-            unit = self.accumulator_step().to(bias.dtype)
-            bias = round_ste(bias / unit) * unit
+            bias = round_to_grid(bias, training_accumulator_step(self, bias.dtype))
         return F.linear(x_q, w_q, bias)
 
     @torch.no_grad()

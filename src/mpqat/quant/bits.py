@@ -68,6 +68,7 @@ from mpqat.quant.functional import (
     quantize_act_int,
     quantize_weight_int,
     round_half_up,
+    snapped_value,
     weight_int_range,
 )
 from mpqat.quant.uniform import LSQWeightQuantizer, Pow2ActQuantizer
@@ -128,20 +129,17 @@ def hard_index(strength: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor
 
 
 def snapped(x: torch.Tensor) -> torch.Tensor:
-    """The value of :func:`~mpqat.quant.functional.snap_mantissa` for positive normal float32 ``x``.
-
-    Rounds the magnitude half up to ``MANTISSA_BITS`` significant bits by integer arithmetic on
-    the IEEE-754 representation (two kernels instead of seven; a carry moves into the exponent)."""
-    drop = 24 - MANTISSA_BITS  # float32 has 24 significant bits
-    bits = x.to(torch.float32).contiguous().view(torch.int32)
-    return ((bits + (1 << (drop - 1))) & ~((1 << drop) - 1)).view(torch.float32).to(x.dtype)
+    """The value of :func:`~mpqat.quant.functional.snap_mantissa` for positive normal float32 ``x``
+    (see :func:`~mpqat.quant.functional.snapped_value`)."""
+    return snapped_value(x)
 
 
 def _in_range(r: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Float mask of ``r == code`` for integer-valued tensors (1 where the clamp let ``r`` through).
+    """Float mask of ``r == code`` (1 where the clamp let ``r`` through).
 
-    Written with float arithmetic because comparison kernels are several times slower on CPU."""
-    return torch.sub(r, code).abs_().clamp_(max=1.0).neg_().add_(1.0)
+    A comparison written into a float tensor: one kernel, where a bool result plus a conversion
+    costs several times more on CPU."""
+    return torch.eq(r, code, out=torch.empty_like(r))
 
 
 def _version_key(*tensors: torch.Tensor | None) -> tuple:
@@ -149,7 +147,12 @@ def _version_key(*tensors: torch.Tensor | None) -> tuple:
 
 
 class _LearnedBits(nn.Module):
-    """Shared state of the learned-bit quantizers: candidates, thresholds, strengths, no-shrink floor."""
+    """Shared state of the learned-bit quantizers: candidates, thresholds, strengths, no-shrink floor.
+
+    Everything that depends only on the parameters (chosen candidates, mixing weights, snapped
+    steps) is computed once per optimizer step and cached, keyed by the parameters' version
+    counters (so an optimizer must update them in place with ordinary ops, which bump the counters:
+    not ``fused=True``)."""
 
     def __init__(self, candidates: Sequence[int], thresholds: Sequence[float], rows: tuple[int, ...],
                  init_strength: float, tau: float) -> None:
@@ -174,39 +177,79 @@ class _LearnedBits(nn.Module):
         else:
             self.strength = None
         self.register_buffer("initialized", torch.tensor(False))
-        # (parameter versions, derived tensors) of the last step: see _derived
+        self._clear_caches()
+
+    def _clear_caches(self) -> None:
+        # (key, value) pairs: the derived tensors of the last step (see _derived), the mixing weights
+        # of the current strengths (see _mixing) and the chosen candidates (see hard_index).
         self._cache: tuple[tuple, SimpleNamespace] | None = None
+        self._mix_cache: tuple[tuple, SimpleNamespace] | None = None
+        self._index_cache: tuple[tuple, torch.Tensor] | None = None
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
-        state["_cache"] = None  # copies and pickles recompute their derived tensors
+        for name in ("_cache", "_mix_cache", "_index_cache"):
+            state[name] = None  # copies and pickles recompute their derived tensors
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for name in ("_cache", "_mix_cache", "_index_cache"):
+            self.__dict__.setdefault(name, None)
 
     def _strength(self) -> torch.Tensor:
         return self.strength if self.strength is not None else self.candidates.new_zeros(self.rows)
 
     def hard_index(self) -> torch.Tensor:
         """Chosen candidate per row of bits (int64)."""
-        return hard_index(self._strength(), self.thresholds)
+        strength = self.strength
+        if strength is None:
+            key: tuple = (self.candidates.device,)
+        else:
+            key = (strength.data_ptr(), strength._version, self.thresholds.data_ptr(), self.thresholds._version)
+        cache = self._index_cache
+        if cache is None or cache[0] != key:
+            cache = self._index_cache = (key, hard_index(self._strength(), self.thresholds))
+        return cache[1]
 
     def hard_bits(self) -> torch.Tensor:
         """Chosen bit-width per row of bits, shape of the strength."""
         return self.candidates[self.hard_index()]
 
+    def _mixing(self) -> SimpleNamespace:
+        """``pi`` and ``dpi/ds`` (``[K, *strength.shape]``, no gradient) of the current strengths and
+        temperature, cached while neither changes; ``g`` keeps the sigmoids for :meth:`expected_bits`."""
+        strength = self.strength
+        key = (strength.data_ptr(), strength._version, self.tau)
+        cache = self._mix_cache
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                k = len(self.candidates)
+                g = torch.sigmoid((strength.reshape(1, -1) - self.thresholds.reshape(-1, 1)).mul_(1.0 / self.tau))
+                pi = torch.mm(self.difference, g)
+                pi[0] += 1.0
+                dpi = torch.mm(self.difference, torch.addcmul(g, g, g, value=-1.0)).mul_(1.0 / self.tau)
+                shape = (k, *strength.shape)
+                mix = SimpleNamespace(pi=pi.reshape(shape), dpi=dpi.reshape(shape), g=g)
+            cache = self._mix_cache = (key, mix)
+        return cache[1]
+
     def expected_bits(self) -> torch.Tensor:
         """Differentiable bits ``sum_k pi_k(s) b_k`` per row of bits (flattened)."""
         if self.strength is None:
             return self.candidates.reshape(1)
-        pi, _ = mixing_weights(self.strength, self.thresholds, self.tau, self.difference)
-        return (pi * self.candidates.reshape((-1,) + (1,) * self.strength.dim())).sum(0).reshape(-1)
+        return _ExpectedBits.apply(self.strength, self)
 
     def _derived(self, param: torch.Tensor) -> SimpleNamespace:
         """Per-step tensors derived from the scale/clip parameter and the strength, cached while
         neither changes (so ``QuantLinear``'s bias rounding reuses what the forward computed)."""
-        key = (*_version_key(param, self.strength), self.tau)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._compute_derived(param.detach()))
-        return self._cache[1]
+        strength = self.strength
+        key = (param.data_ptr(), param._version, None if strength is None else strength._version, self.tau)
+        cache = self._cache
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = self._cache = (key, self._compute_derived(param.detach()))
+        return cache[1]
 
     def _compute_derived(self, param: torch.Tensor) -> SimpleNamespace:
         raise NotImplementedError
@@ -220,17 +263,17 @@ class _LearnedBits(nn.Module):
         layer move in proportion to how strongly the loss asks for bits, the most demanding ones by
         about ``lr`` per step. (Per-neuron Adam would move a weak but consistent demand as fast as
         a strong one.)"""
-        if self.strength is None or self.strength.grad is None:
+        strength = self.strength
+        if strength is None or strength.grad is None:
             return
-        grad = self.strength.grad
+        grad = strength.grad
         beta1, beta2 = betas
-        self.strength_updates += 1
-        t = int(self.strength_updates)
+        t = int(self.strength_updates.add_(1))
         self.strength_momentum.lerp_(grad, 1.0 - beta1)
         self.strength_sq.lerp_(grad.square().mean(), 1.0 - beta2)
         denom = (self.strength_sq / (1.0 - beta2**t)).sqrt_().add_(1e-12)
-        self.strength.sub_(self.strength_momentum / denom, alpha=lr / (1.0 - beta1**t))
-        self.strength.grad = None
+        strength.sub_(self.strength_momentum / denom, alpha=lr / (1.0 - beta1**t))
+        strength.grad = None
         self.constrain(allow_shrink)
 
     @torch.no_grad()
@@ -243,25 +286,51 @@ class _LearnedBits(nn.Module):
             self.strength.clamp_(0.0, 1.0)
             return
         torch.maximum(self.strength.clamp_(max=1.0), self.strength_floor, out=self.strength)
-        self.strength_floor.copy_(self.edges[self.hard_index()])
+        torch.index_select(self.edges, 0, self.hard_index().reshape(-1), out=self.strength_floor.view(-1))
+
+
+class _ExpectedBits(torch.autograd.Function):
+    """``sum_k pi_k(s) b_k`` from the cached mixing weights; the backward is the chain rule through
+    the sigmoids written out (the same operations autograd would run, without building the graph)."""
+
+    @staticmethod
+    def forward(ctx, strength, quant):  # noqa: D102  (autograd API)
+        mix = quant._mixing()
+        ctx.mix, ctx.quant = mix, quant
+        cands = quant.candidates.reshape((-1,) + (1,) * strength.dim())
+        return (mix.pi * cands).sum(0).reshape(-1)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        mix, quant = ctx.mix, ctx.quant
+        # d/dg_j of sum_k pi_k b_k is (b_{j+1} - b_j) grad; then the sigmoid's g (1 - g) / tau.
+        weighted = grad.reshape(1, -1) * quant.candidates.reshape(-1, 1)  # [K, n]
+        g = mix.g
+        g_g = torch.mm(quant.difference.t(), weighted)  # [K-1, n]
+        g_z = (g_g * (1.0 - g)).mul_(g).mul_(1.0 / quant.tau)
+        return g_z.sum(0).reshape(quant.strength.shape), None
 
 
 class _WeightSurrogate(torch.autograd.Function):
-    """Hard per-row weight quantization forward, mixture-of-candidates backward."""
+    """Hard per-row weight quantization forward, mixture-of-candidates backward.
+
+    All candidates are quantized at once (``[K, out, in]``): the backward needs every candidate's
+    codes and masks, and one kernel over ``K`` rows is cheaper than ``K`` kernels."""
 
     @staticmethod
     def forward(ctx, weight, step, strength, quant):  # noqa: D102  (autograd API)
         d = quant._derived(step)
-        u = weight.unsqueeze(0) * d.inv_sc  # [K, out, in]
-        r = (u + 0.5).floor_()
+        u = weight * d.inv_sc  # [K, out, in]
+        r = torch.add(u, 0.5).floor_()
         code = torch.maximum(r, d.qmin)
         torch.minimum(code, d.qmax, out=code)
-        if d.binary_first:  # sign(w) with sign(0) = +1
-            code[0] = torch.sign(weight).add_(0.5).sign_()
-        index = d.index.expand(1, *weight.shape)
+        if d.binary_first:  # sign(w) with sign(0) = +1, written as 2 [w >= 0] - 1
+            torch.ge(weight, 0.0, out=code[0]).mul_(2.0).sub_(1.0)
         ctx.d = d
         ctx.save_for_backward(weight, u, r, code)
-        return code.gather(0, index).squeeze(0).mul_(d.sc_h)
+        if d.k == 1:
+            return code[0] * d.sc_h
+        return code.gather(0, d.gather_index).squeeze_(0).mul_(d.sc_h)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -270,24 +339,25 @@ class _WeightSurrogate(torch.autograd.Function):
         # In-range masks of the straight-through estimators: round(u) unclipped, |u| <= 1 at 1 bit.
         mask = _in_range(r, code)
         if d.binary_first:
-            mask[0] = u[0].abs().sub_(1.0).ceil_().clamp_(0.0, 1.0).neg_().add_(1.0)
+            torch.le(u[0].abs(), 1.0, out=mask[0])
         pi = d.pi
-        grad_w = grad * (mask[0] if pi is None else (mask * pi).sum(0))
+        grad_w = grad * (mask[0] if pi is None else torch.linalg.vecdot(mask, pi, dim=0))
         inner = (code * grad).sum(-1, keepdim=True)  # <G_j, code_k(W_j)>, [K, out, 1]
         # LSQ: d(code * sc)/d sc = code - u * mask, weighted by pi_k and the LSQ gradient scale.
         masked = mask.mul_(grad * weight).sum(-1, keepdim=True)
         g_step = (inner - masked * d.inv_sc) * d.step_grad_scale
         if pi is not None:
             g_step = g_step * pi
-        if d.sc.shape[1] == 1 and g_step.shape[1] != 1:
+        if d.sc_rows == 1 and g_step.shape[1] != 1:
             g_step = g_step.sum(1, keepdim=True)
         g_strength = None
         if pi is not None and ctx.needs_input_grad[2]:
             # Scale-matched mixture: every candidate row rescaled to the chosen row's norm, so the
             # strength compares what the bits can express (the direction of the integer codes),
             # not the candidates' scales, which the steps learn anyway.
-            norm = code.square().sum(-1, keepdim=True).sqrt_().clamp_min_(1e-12)  # ||code_k||, [K, out, 1]
-            chosen = norm.gather(0, d.index[..., :1].expand(1, norm.shape[1], 1)).squeeze(0).mul_(d.sc_h)
+            # ||code_k||, [K, out, 1] (code * code: the integer pow kernel behind square() is ~20x slower on CPU)
+            norm = (code * code).sum(-1, keepdim=True).sqrt_().clamp_min_(1e-12)
+            chosen = norm.gather(0, d.norm_index).squeeze_(0).mul_(d.sc_h)
             g_strength = (d.dpi * (inner / norm)).sum(0) * chosen
             if d.dpi.shape[1] == 1:
                 g_strength = g_strength.sum(0, keepdim=True)
@@ -327,18 +397,28 @@ class NeuronBitsWeightQuantizer(_LearnedBits):
         self.initialized.fill_(True)
 
     def _compute_derived(self, step: torch.Tensor) -> SimpleNamespace:
-        """Per-step constants: snapped steps ``sc`` ``[K, S, 1]`` and inverses, the chosen index
-        ``[N, 1]`` (``N = max(S, R)``) and step ``sc_h``, the mixing weights and their derivatives."""
-        sc = snapped(step.abs().clamp_min(1e-12))
-        index = self.hard_index()
-        rows = max(sc.shape[1], index.shape[0])
-        index = index.expand(rows, 1).unsqueeze(0)  # [1, N, 1]
-        sc_h = sc.expand(-1, rows, 1).gather(0, index).squeeze(0)
+        """Per-step constants: snapped steps ``sc`` ``[K, S, 1]`` and inverses, the chosen step
+        ``sc_h`` ``[N, 1]`` (``N = max(S, R)``) with the index tensors that pick it, the mixing
+        weights and their derivatives, the LSQ gradient scale with the sign of the step."""
+        k, rows_s = step.shape[0], step.shape[1]
+        sc = snapped(step.abs().clamp_min_(1e-12))
+        index = self.hard_index()  # [R, 1]
+        rows = max(rows_s, index.shape[0])
+        if k == 1:
+            sc_h = sc[0].expand(rows, 1)
+            gather_index = norm_index = None
+        else:
+            index = index.expand(rows, 1).unsqueeze(0)  # [1, N, 1]
+            sc_h = sc.expand(-1, rows, 1).gather(0, index).squeeze_(0)
+            gather_index = index.expand(1, self.out_features, self.in_features)
+            norm_index = index.expand(1, self.out_features, 1)
         pi = dpi = None
         if self.strength is not None:
-            pi, dpi = mixing_weights(self.strength.detach(), self.thresholds, self.tau, self.difference)
-        return SimpleNamespace(sc=sc, inv_sc=1.0 / sc, index=index, sc_h=sc_h, pi=pi, dpi=dpi,
-                               qmin=self.qmin, qmax=self.qmax, binary_first=self.binary_first,
+            mix = self._mixing()
+            pi, dpi = mix.pi, mix.dpi
+        return SimpleNamespace(sc=sc, inv_sc=torch.reciprocal(sc), sc_h=sc_h, gather_index=gather_index,
+                               norm_index=norm_index, pi=pi, dpi=dpi, qmin=self.qmin, qmax=self.qmax, k=k,
+                               binary_first=self.binary_first, sc_rows=rows_s,
                                step_grad_scale=self.grad_scale * torch.sign(step))
 
     @property
@@ -348,6 +428,10 @@ class NeuronBitsWeightQuantizer(_LearnedBits):
 
     def scale(self) -> torch.Tensor:
         """Chosen candidate's dyadic step per row, ``[out, 1]`` (or ``[1, 1]``); no gradient."""
+        return self._derived(self.step).sc_h
+
+    def cached_scale(self) -> torch.Tensor:
+        """Same as :meth:`scale` (cached once per optimizer step)."""
         return self._derived(self.step).sc_h
 
     def bits(self) -> torch.Tensor:
@@ -361,8 +445,11 @@ class NeuronBitsWeightQuantizer(_LearnedBits):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.integer_codes(weight) * self.scale().to(weight.dtype)
-        if not bool(self.initialized):
+        if not self.initialized:
             self.initialize(weight)
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"expected a weight of shape {(self.out_features, self.in_features)}, "
+                             f"got {tuple(weight.shape)}")
         return _WeightSurrogate.apply(weight, self.step, self.strength, self)
 
     @torch.no_grad()
@@ -388,7 +475,7 @@ class _ActSurrogate(torch.autograd.Function):
     def forward(ctx, x, log2_clip, strength, quant):  # noqa: D102
         d = quant._derived(log2_clip)
         u = x * d.inv_step_h  # exact: the steps are powers of two
-        r = (u + 0.5).floor_()
+        r = torch.add(u, 0.5).floor_()
         code = torch.maximum(r, d.qmin_h) if d.signed else r.clamp_min(0.0)
         torch.minimum(code, d.qmax_h, out=code)
         ctx.d = d
@@ -446,6 +533,15 @@ class NeuronBitsActQuantizer(_LearnedBits):
         self.register_buffer("common_qmax", (qmax[0] * torch.exp2(self.extra_bits)).reshape(-1, 1, 1))
         n = features if not per_feature else 1
         self.register_buffer("grad_scale", 1.0 / torch.sqrt(n * qmax))
+        # Per-step constants that never change (not saved: they follow from the buffers above).
+        self.register_buffer("_common_qmin", -self.common_qmax, persistent=False)
+        self.register_buffer("_grad_scale_ln2", self.grad_scale * LN2, persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        with torch.no_grad():  # keep the derived constants in step with loaded buffers
+            self._common_qmin.copy_(-self.common_qmax)
+            self._grad_scale_ln2.copy_(self.grad_scale * LN2)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -466,20 +562,21 @@ class NeuronBitsActQuantizer(_LearnedBits):
         inverse step and code range per feature, the mixing-weight derivatives times the steps."""
         # Nested grids: the lowest candidate's step is the power of two nearest alpha / Q_P(b_1); a
         # candidate with b more bits halves it (b - b_1) times, so every candidate clips at ~alpha.
-        exps = round_half_up(log2_clip - self.log2_qmax[0]).unsqueeze(0) - self.extra_bits.unsqueeze(1)  # [K, C]
-        index = self.hard_index()
-        cols = max(exps.shape[1], index.shape[0])
-        e_h = exps.expand(-1, cols).gather(0, index.expand(cols).unsqueeze(0)).squeeze(0)
-        steps, step_h = torch.exp2(exps), torch.exp2(e_h)
-        dpi = dpi_steps = None
+        base = round_half_up(log2_clip - self.log2_qmax[0])  # [C']
+        index = self.hard_index()  # [R]
+        e_h = base - self.extra_bits[index]  # [max(C', R)]
+        step_h = torch.exp2(e_h)
+        dpi = dpi_steps = inv_steps = None
         if self.strength is not None:
-            _, dpi = mixing_weights(self.strength.detach(), self.thresholds, self.tau, self.difference)  # [K, R]
-            dpi_steps = dpi * steps
+            exps = base.unsqueeze(0) - self.extra_bits.unsqueeze(1)  # [K, C']
+            dpi = self._mixing().dpi  # [K, R]
+            dpi_steps = dpi * torch.exp2(exps)
+            inv_steps = torch.exp2(exps.neg_()).unsqueeze_(1)
         return SimpleNamespace(
-            inv_steps=torch.exp2(-exps).unsqueeze(1), step_h=step_h, inv_step_h=torch.exp2(-e_h),
+            inv_steps=inv_steps, step_h=step_h, inv_step_h=torch.exp2(-e_h), e_h=e_h, min_step=None,
             qmin_h=self.qmin[index], qmax_h=self.qmax[index], signed=self.signed, dpi=dpi, dpi_steps=dpi_steps,
-            common_qmin=-self.common_qmax, common_qmax=self.common_qmax, clip_numel=log2_clip.numel(),
-            clip_grad_scale=step_h * self.grad_scale[index] * LN2,
+            common_qmin=self._common_qmin, common_qmax=self.common_qmax, clip_numel=log2_clip.numel(),
+            clip_grad_scale=step_h * self._grad_scale_ln2[index],
         )
 
     @property
@@ -490,11 +587,18 @@ class NeuronBitsActQuantizer(_LearnedBits):
 
     def exponents(self) -> torch.Tensor:
         """Integer exponents ``k`` of the chosen steps ``2**k`` (int64, shape of :attr:`bit_widths`)."""
-        return torch.frexp(self.step())[1].to(torch.int64) - 1  # exact for powers of two
+        return self._derived(self.log2_clip).e_h.to(torch.int64)
 
     def step(self) -> torch.Tensor:
         """Chosen power-of-two step per feature (no gradient)."""
         return self._derived(self.log2_clip).step_h
+
+    def cached_min_step(self) -> torch.Tensor:
+        """The smallest chosen step ``2**min(k)`` (a 0-d tensor; cached once per optimizer step)."""
+        d = self._derived(self.log2_clip)
+        if d.min_step is None:
+            d.min_step = torch.exp2(d.e_h.min())
+        return d.min_step
 
     def bits(self) -> torch.Tensor:
         """Hard bit-width per feature, shape ``[features]`` or ``[1]``."""
@@ -507,8 +611,10 @@ class NeuronBitsActQuantizer(_LearnedBits):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.integer_codes(x) * self.step().to(x.dtype)
-        if not bool(self.initialized):
+        if not self.initialized:
             self.initialize(x)
+        if x.dim() != 2:  # the surrogate works on [rows, features]
+            return _ActSurrogate.apply(x.reshape(-1, x.shape[-1]), self.log2_clip, self.strength, self).reshape(x.shape)
         return _ActSurrogate.apply(x, self.log2_clip, self.strength, self)
 
     @torch.no_grad()

@@ -1,0 +1,1 @@
+"""TabPFN v1 (placeholder docstring, filled later)."""

@@ -1,0 +1,213 @@
+"""ADQ codebook quantizer: quantile init, nearest-level assignment, STE, EMA by hand, reseeding, fixed point."""
+
+import math
+
+import pytest
+import torch
+
+from mpqat.errors import ConfigError
+from mpqat.quant.codebook import (
+    CODEWORD_MAX,
+    CodebookWeightQuantizer,
+    assign,
+    codebook_fake_quant,
+    initial_magnitudes,
+    side_sizes,
+    snap_levels,
+    sorted_quantiles,
+    strictly_increasing,
+)
+from mpqat.quant.functional import dyadic_parts
+
+
+def _grid(n: int = 1000) -> torch.Tensor:
+    """Uniform magnitudes (1..n)/n on both signs: quantiles are known in closed form."""
+    mags = torch.arange(1, n + 1, dtype=torch.float64) / n
+    return torch.cat([-mags, mags]).reshape(20, -1)
+
+
+def test_quantile_init_on_a_uniform_distribution_hits_the_known_quantiles():
+    n = 1000
+    for bits in (2, 3, 4):
+        k = 2 ** (bits - 1) - 1
+        neg, pos = initial_magnitudes(_grid(n), bits)
+        # linear interpolation on (1..n)/n: Q(p) = (1 + p (n - 1)) / n, at p = (j - 1/2)/K
+        expected = torch.tensor([(1 + (j - 0.5) / k * (n - 1)) / n for j in range(1, k + 1)], dtype=torch.float64)
+        assert torch.allclose(pos, expected, rtol=0, atol=1e-12)
+        assert torch.equal(neg, pos)  # symmetric codebook
+    neg, pos = initial_magnitudes(_grid(n), 3, levels="full")
+    assert (neg.numel(), pos.numel()) == side_sizes(3, "full") == (4, 3)
+    assert torch.allclose(neg, torch.tensor([(1 + p * (n - 1)) / n for p in (1 / 8, 3 / 8, 5 / 8, 7 / 8)],
+                                            dtype=torch.float64), atol=1e-12)
+
+
+def test_quantile_init_averages_the_two_signs_and_matches_torch_quantile():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.cat([torch.rand(3000, generator=gen) * 2.0, -torch.rand(1000, generator=gen) * 0.5])
+    _, pos = initial_magnitudes(w, 3)
+    p = torch.tensor([1 / 6, 1 / 2, 5 / 6], dtype=torch.float64)
+    ref = 0.5 * (torch.quantile(w[w > 0].double(), p) + torch.quantile(-w[w < 0].double(), p))
+    assert torch.allclose(pos, ref, atol=1e-12)
+    x = torch.randn(999, generator=gen).double()
+    probs = torch.rand(7, generator=gen).double()
+    assert torch.allclose(sorted_quantiles(torch.sort(x).values, probs), torch.quantile(x, probs), atol=1e-12)
+
+
+def test_uniform_init_is_lsq_initial_grid():
+    w = torch.tensor([-1.0, -0.5, 0.25, 0.25])
+    neg, pos = initial_magnitudes(w, 3, init="uniform")
+    step = 2 * 0.5 / math.sqrt(3)
+    assert torch.allclose(pos, torch.tensor([1, 2, 3], dtype=torch.float64) * step)
+
+
+def test_assignment_by_bucketize_equals_argmin_on_random_data():
+    gen = torch.Generator().manual_seed(1)
+    for bits, levels in ((2, "symmetric"), (3, "symmetric"), (4, "full"), (6, "symmetric")):
+        q = CodebookWeightQuantizer(32, 50, bits, levels=levels)
+        w = torch.randn(32, 50, generator=gen) * 0.3
+        q.initialize(w)
+        codes, s = snap_levels(q.levels())
+        table = codes * s
+        brute = (w.double().unsqueeze(-1) - table).abs().argmin(-1)
+        assert torch.equal(q.indices(w), brute)
+        assert q.n_levels() == (2**bits - 1 if levels == "symmetric" else 2**bits)
+        assert int(q.codebook_int()[q.index_offset()]) == 0
+
+
+def test_ties_between_two_levels_go_to_the_upper_level():
+    codes, s = torch.tensor([-2.0, 0.0, 2.0], dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64)
+    assert assign(torch.tensor([-0.25, 0.25]), codes, s).tolist() == [1, 2]
+
+
+def test_forward_is_fixed_point_and_the_gradient_is_straight_through():
+    q = CodebookWeightQuantizer(8, 16, 3).train()
+    w = (torch.randn(8, 16) * 0.2).requires_grad_(True)
+    out = q(w)
+    assert bool(q.initialized)
+    upstream = torch.randn(8, 16)
+    (out * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)  # identity: codebook gets no gradient, no clipping
+    codes = q.integer_codes(w.detach().double())
+    scale = q.scale()
+    assert scale.shape == (1, 1) and scale.dtype == torch.float64
+    m, e = dyadic_parts(scale.reshape(-1))
+    assert int(m[0]) < 2**16 and float(m[0]) * 2.0 ** -int(e[0]) == float(scale)
+    assert torch.equal(codes, codes.round()) and int(codes.abs().max()) <= CODEWORD_MAX
+    assert torch.allclose((codes * scale).float(), out.detach())
+    assert set(codes.unique().tolist()) <= set(q.codebook_int().tolist())
+    assert len(q.codebook_int()) == 7 and q.codebook_int().tolist() == sorted(q.codebook_int().tolist())
+    assert q.bits().tolist() == [3.0] and q.extra_metadata_bits() == 7 * 12
+
+
+def test_ema_update_on_a_hand_made_example():
+    # ternary codebook; quantile init c0 = (median(0.1, 0.7, 0.8) + median(0.6, 0.9)) / 2 = 0.725
+    w = torch.tensor([[-0.9, -0.6, 0.0], [0.1, 0.7, 0.8]], dtype=torch.float64)
+    q = CodebookWeightQuantizer(2, 3, 2, decay=0.5)
+    q.initialize(w)
+    assert q.levels().tolist() == pytest.approx([-0.725, 0.0, 0.725], abs=1e-12)
+    # assignment: {-0.9, -0.6, 0.7, 0.8} -> +-c (n = 4, m = 3.0); {0, 0.1} -> 0. Init state N = 4, M = 0.725 * 4
+    assert float(q.pos_count[0]) == 4.0
+    assert q.ema_update(w)
+    # N = 0.5*4 + 0.5*4 = 4, M = 0.5*2.9 + 0.5*3.0 = 2.95, c = 0.7375
+    assert float(q.pos_levels[0]) == pytest.approx(0.7375, abs=1e-12)
+    w2 = torch.tensor([[-0.2, 0.0, 0.0], [0.0, 0.0, 1.2]], dtype=torch.float64)  # now only 1.2 is on the level (0.2 < midpoint)
+    assert q.ema_update(w2)
+    # N = 0.5*4 + 0.5*1 = 2.5, M = 0.5*2.95 + 0.5*1.2 = 2.075, c = 0.83
+    assert float(q.pos_levels[0]) == pytest.approx(0.83, abs=1e-12)
+    assert q.levels().tolist() == pytest.approx([-0.83, 0.0, 0.83], abs=1e-12)
+    assert int(q.reseeds) == 0
+
+
+def test_ema_full_codebook_tracks_each_side_separately():
+    w = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
+    q = CodebookWeightQuantizer(1, 6, 2, levels="full", decay=0.0)  # decay 0: levels = means of their cells
+    q.set_magnitudes(torch.tensor([0.4, 1.1]), torch.tensor([1.5]), w)
+    assert q.levels().tolist() == pytest.approx([-1.1, -0.4, 0.0, 1.5])
+    q.ema_update(w)
+    assert q.levels().tolist() == pytest.approx([-1.0, -0.5, 0.0, 1.5])  # 0.5 -> level 0; 1.0, 2.0 -> 1.5
+
+
+def test_update_every_and_frozen_codebook():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(10, 10, generator=gen)
+    q = CodebookWeightQuantizer(10, 10, 3, decay=0.5, update_every=3)
+    q.initialize(w)
+    shifted = w * 1.5
+    before = q.levels().clone()
+    assert not q.ema_update(shifted) and not q.ema_update(shifted)
+    assert torch.equal(q.levels(), before)
+    assert q.ema_update(shifted)
+    assert not torch.equal(q.levels(), before) and q.drift() > 0
+    q.freeze_codebook()
+    frozen = q.levels().clone()
+    for _ in range(6):
+        assert not q.ema_update(shifted * 3)
+    assert torch.equal(q.levels(), frozen)
+
+
+def test_dead_level_is_reseeded_from_the_quantiles():
+    w = torch.cat([torch.full((50,), 0.3), torch.full((50,), 0.5), -torch.full((50,), 0.3), -torch.full((50,), 0.5)])
+    q = CodebookWeightQuantizer(1, 200, 3, decay=0.1)
+    q.set_magnitudes(torch.zeros(3), torch.tensor([0.3, 0.5, 5.0]), w)  # 5.0 is never used: dead at once
+    assert float(q.pos_count[2]) == 0.0
+    q.ema_update(w)
+    assert int(q.reseeds) == 1
+    quantile = initial_magnitudes(w, 3)[1][2]  # the rank-3 quantile of |w| = 0.5
+    assert sorted(q.magnitudes()[1].tolist())[-1] == pytest.approx(float(quantile), rel=1e-5)
+    assert float(q.magnitudes()[1].max()) < 1.0
+
+
+def test_levels_stay_sorted_and_strictly_increasing_under_random_updates():
+    gen = torch.Generator().manual_seed(3)
+    for levels in ("symmetric", "full"):
+        q = CodebookWeightQuantizer(16, 16, 4, levels=levels, decay=0.3)
+        q.initialize(torch.randn(16, 16, generator=gen))
+        for _ in range(30):
+            w = torch.randn(16, 16, generator=gen) * torch.rand(1, generator=gen) * 3
+            w[w.abs() < 0.5] = 0.0  # many weights at zero, some levels lose everything
+            q.ema_update(w)
+            lv = q.levels()
+            assert bool((lv.diff() > 0).all()), lv
+            codes = q.codebook_int()
+            assert bool((codes.diff() >= 0).all()) and int(codes[q.index_offset()]) == 0
+
+
+def test_strictly_increasing_fixes_ties_and_zeros():
+    out = strictly_increasing(torch.tensor([0.0, 0.2, 0.2, 0.1]))
+    assert bool((out.diff() > 0).all()) and float(out[0]) > 0
+
+
+def test_set_bits_keeps_state_dict_shapes_and_requires_a_new_init():
+    q = CodebookWeightQuantizer(4, 4, 4, max_bits=4)
+    shapes = {k: v.shape for k, v in q.state_dict().items()}
+    q.set_bits(2)
+    assert {k: v.shape for k, v in q.state_dict().items()} == shapes
+    assert not bool(q.initialized) and q.n_levels() == 3
+    with pytest.raises(ConfigError, match="max_bits"):
+        q.set_bits(5)
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"bits": 1}, "codebook index bits"), ({"bits": 9}, "codebook index bits"), ({"levels": "odd"}, "levels"),
+    ({"decay": 1.0}, "decay"), ({"update_every": 0}, "update_every"), ({"init": "kmeans"}, "init"),
+])
+def test_bad_arguments_are_config_errors(kwargs, fragment):
+    args = {"out_rows": 2, "fan_in": 2, "bits": 2, **kwargs}
+    with pytest.raises(ConfigError, match=fragment):
+        CodebookWeightQuantizer(**args)
+
+
+def test_sensitivity_quantizer_error_falls_with_bits():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 64, generator=gen) * 0.05
+    for init in ("quantile", "uniform"):
+        errors = [float(((codebook_fake_quant(w, b, init=init) - w) ** 2).sum()) for b in (2, 3, 4, 6)]
+        assert errors == sorted(errors, reverse=True)
+        assert errors[-1] < 0.05 * errors[0]
+
+
+@pytest.mark.slow
+def test_quantile_init_works_beyond_torch_quantile_size_limit():
+    w = torch.linspace(-1, 1, 17_000_001)
+    neg, pos = initial_magnitudes(w, 2)
+    assert float(pos[0]) == pytest.approx(0.5, abs=1e-6)
