@@ -17,8 +17,8 @@
   ``initialized`` flags                      ``max``    a quantizer is initialised once any rank did
   BN ``running_mean`` / ``running_var``      ``mean``   every rank saw a different shard
   BN ``num_batches_tracked``                 ``max``    the same count on every rank
-  EMA codebook statistics (ADQ)              ``sum``    summed *before* the EMA (counts of the
-                                                        global batch), see :func:`all_reduce_`
+  batch statistics of user quantizers        ``sum``    summed where computed, :func:`all_reduce_`
+  EMA codebook statistics (ADQ)              broadcast  computed from the (identical) weights
   any other buffer                           ``broadcast`` from rank 0 (deterministic copies)
   =========================================  =========  ==========================================
 

@@ -347,7 +347,8 @@ def size_report(graph: IntegerGraph) -> dict[str, Any]:
         elif isinstance(node, ActivationQuantizer):
             previous = node
     budget = weight_bits / 8 + meta_bits / 8
-    weights = sum(v for k, v in parts.items() if k.endswith(".weight"))
+    # the packed weight codes: ".weight" of integer layers, ".index" of codebook layers
+    weights = sum(v for k, v in parts.items() if k.endswith((".weight", ".index")))
     return {
         "file_bytes": len(data),
         "weight_bits": weight_bits,
