@@ -270,9 +270,9 @@ class InContextClassifier:
     @torch.no_grad()
     def predict_logits(self, X: np.ndarray) -> np.ndarray:
         """Log-probabilities ``[n, n_classes]`` (averaged member logits / temperature, log-softmax)."""
-        X = np.asarray(X, dtype=np.float32)
         if not hasattr(self, "X_ctx"):
             raise ConfigError("call fit(X, y) before predicting")
+        X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.X_ctx.shape[1]:
             raise DatasetError(f"X has shape {X.shape}, the context has {self.X_ctx.shape[1]} features")
         was_training = self.model.training
@@ -302,7 +302,8 @@ class InContextClassifier:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Predicted labels (values of ``classes_``)."""
-        return self.classes_[np.argmax(self.predict_logits(X), axis=1)]
+        logits = self.predict_logits(X)
+        return self.classes_[np.argmax(logits, axis=1)]
 
     def score(self, X: np.ndarray, y: np.ndarray) -> float:
         """Accuracy on ``X, y``."""

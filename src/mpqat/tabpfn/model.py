@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -164,6 +163,10 @@ class TabPFN(nn.Module):
     ``y_ctx``: ``[B, n_ctx]`` float class indices of the context rows (``n_ctx < N``).
     Returns ``[B, N - n_ctx, n_out]`` logits (use the first ``n_classes`` of them).
     """
+
+    #: For :func:`mpqat.quantize`: no linear layer's input is non-negative (layer norms, attention,
+    #: GELU feed it), so every input quantizer is signed.
+    unsigned_input_layers: tuple[str, ...] = ()
 
     def __init__(self, config: TabPFNConfig | None = None) -> None:
         super().__init__()
@@ -359,7 +362,3 @@ def n_parameters(model: nn.Module) -> int:
     """Number of parameters (the label embedding and layer norms included)."""
     return sum(p.numel() for p in model.parameters())
 
-
-def attention_scale(emsize: int, nhead: int) -> float:
-    """The softmax scale ``1/sqrt(emsize/nhead)`` used by the attention (for reference/tests)."""
-    return 1.0 / math.sqrt(emsize // nhead)
