@@ -121,6 +121,21 @@ def test_estimator_is_unbiased_mean_over_many_runs():
     assert stderr.max() > 0
 
 
+def test_antithetic_pairs_are_reversed_and_stay_unbiased():
+    n = 6
+    squared = lambda m: float(m.sum()) ** 2  # noqa: E731  marginal of the k-th removal: 2(n-k)-1
+    est = permutation_shapley(squared, n, 4, rng=np.random.default_rng(0), antithetic=True)
+    # in a reversed order the k-th removal becomes the (n-1-k)-th: the two marginals add up to 2n
+    np.testing.assert_array_equal(est.marginals[0] + est.marginals[1], 2 * n)
+    np.testing.assert_array_equal(est.marginals[2] + est.marginals[3], 2 * n)
+    game = _random_game(n, 12)
+    exact = exact_shapley(game, n).values
+    rng = np.random.default_rng(99)
+    runs = np.stack([permutation_shapley(game, n, 4, rng=rng, antithetic=True).mean for _ in range(400)])
+    stderr = runs.std(axis=0, ddof=1) / math.sqrt(len(runs))
+    assert np.all(np.abs(runs.mean(axis=0) - exact) <= 4 * stderr + 1e-12)
+
+
 def test_estimator_error_falls_with_samples():
     n = 8
     game = _random_game(n, 5)

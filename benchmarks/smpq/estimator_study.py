@@ -8,15 +8,16 @@ coalition is the supernet's score on one fixed batch of the val-alpha half of th
 with the absent candidates masked out.
 
 For each value function (minus the cross-entropy, and accuracy as in Shapley-NAS) and each
-estimator variant (no truncation; truncation 0.5 with the empty-coalition reference, ours; and
-truncation 0.5 with reference 0, Shapley-NAS's ``acc < 0.5 acc0``), the relative L2 error of the
+estimator variant (plain Castro sampling; antithetic pairs, each permutation followed by its
+reverse; truncation 0.5 with the empty-coalition reference, ours; and truncation 0.5 with
+reference 0, Shapley-NAS's ``acc < 0.5 acc0``), the relative L2 error of the
 Monte Carlo mean ``||phi_mc - phi||/||phi||`` is measured over ``REPEATS`` independent runs at
 several numbers of permutations M, against the number of value evaluations used (as a fraction of
 the exact 8192). The game is deterministic, so after the exact enumeration the estimators read
 coalition values from the table of all 8192 (checked once against evaluating the supernet
 directly); the evaluation counts are those the estimator asks for.
 
-    python benchmarks/smpq/estimator_study.py          # about a minute on one core
+    python benchmarks/smpq/estimator_study.py          # about 30 s on one idle core
 
 Writes ``estimator_study.json``, ``estimator_study.png`` and ``estimator_study.md`` next to itself.
 """
@@ -46,13 +47,14 @@ HIDDEN = (32, 32)
 W_CANDIDATES = (2, 4, 8)
 A_CANDIDATES = (2, 8)
 WARMUP_EPOCHS = 10
-VAL_ROWS = 2048
-SAMPLES = (1, 2, 3, 5, 8, 12, 20, 30, 45, 68, 100)
+VAL_ROWS = 1024
+SAMPLES = (2, 4, 6, 8, 12, 20, 30, 46, 68, 100, 150)
 REPEATS = 30
-VARIANTS = {  # label: (truncation, reference)
-    "no truncation": (None, "empty"),
-    "truncation 0.5, ref v(empty) (ours)": (0.5, "empty"),
-    "truncation 0.5, ref 0 (Shapley-NAS)": (0.5, 0.0),
+VARIANTS = {  # label: (truncation, reference, antithetic)
+    "plain (Castro)": (None, "empty", False),
+    "antithetic pairs": (None, "empty", True),
+    "truncation 0.5, ref v(empty)": (0.5, "empty", False),
+    "truncation 0.5, ref 0 (Shapley-NAS)": (0.5, 0.0, False),
 }
 CRITERION_ERROR, CRITERION_FRACTION = 0.20, 0.10
 
@@ -113,13 +115,13 @@ def study(value: str) -> dict:
     if not np.allclose(direct.marginals, cached.marginals, atol=1e-9):
         raise RuntimeError("the supernet game is not deterministic: the table lookup would not be valid")
     rows = []
-    for label, (trunc, ref) in VARIANTS.items():
+    for label, (trunc, ref, anti) in VARIANTS.items():
         if value == "neg_loss" and ref == 0.0:
             continue  # a zero reference is meaningless for a negative value
         for m in SAMPLES:
             errors, evals, seconds = [], [], []
             for rep in range(REPEATS):
-                est = permutation_shapley(None, n, m, truncation=trunc, truncation_ref=ref,
+                est = permutation_shapley(None, n, m, truncation=trunc, truncation_ref=ref, antithetic=anti,
                                           rng=np.random.default_rng(1000 * m + rep), batch_eval=lookup, chunk=16)
                 errors.append(relative_l2(est.mean, exact.values))
                 evals.append(est.evaluations)

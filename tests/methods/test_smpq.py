@@ -2,6 +2,8 @@
 
 import itertools
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -74,6 +76,7 @@ def test_recipes_round_trip_and_register_hooks():
         ("smpq", {"value": "auc"}, "value"),
         ("smpq", {"shapley_samples": 0}, "shapley_samples"),
         ("smpq", {"budget_fill": 1.5}, "budget_fill"),
+        ("smpq", {"antithetic": "yes"}, "antithetic"),
         ("dnas", {"shapley_samples": 4}, "unknown key"),
         ("dnas", {"complexity": -1}, "complexity"),
     ],
@@ -313,6 +316,21 @@ def test_end_to_end_breast_cancer_export_bit_exact_and_reload(tmp_path, method):
     graph = export(run.model, splits.X_test)  # raises unless the integer graph is bit-exact
     got = graph.run(splits.X_test, backend="int64")
     assert float((got.argmax(1) == splits.y_test).mean()) == pytest.approx(metrics["test_accuracy"])
+
+
+def test_cli_bitops_budget_trains_smpq_and_reports_an_infeasible_budget(tmp_path):
+    base = [sys.executable, "-m", "mpqat", "train", "--dataset", "breast-cancer", "--epochs", "2", "--quiet"]
+    bad = subprocess.run([*base, "--method", "dnas", "--bitops-budget", "0.0001", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "smallest feasible budget is 0.00610352" in bad.stderr
+    good = subprocess.run([*base, "--method", "smpq", "--bitops-budget", "0.02", "--set", "search_epochs=2",
+                           "--set", "warmup_epochs=1", "--set", "shapley_samples=2", "--out", str(tmp_path / "ok")],
+                          capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr
+    metrics = json.loads((tmp_path / "ok" / "metrics.json").read_text())
+    assert metrics["recipe"]["budget_kind"] == "bitops_rel" and metrics["recipe"]["budget"] == 0.02
+    assert metrics["bitops"] <= 0.02 * metrics["fp32_bitops"]
 
 
 def test_resume_after_the_search_does_not_search_again(tmp_path, monkeypatch):

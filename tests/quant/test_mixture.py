@@ -57,6 +57,19 @@ def test_act_mixture_is_the_softmax_weighted_sum_of_pow2_quantizers():
         torch.testing.assert_close(q(x), expected)
 
 
+def test_no_grad_path_gives_the_same_values_as_the_gradient_path():
+    torch.manual_seed(8)
+    for signed in (True, False):
+        x = torch.randn(64, 7) * 5
+        q = MixtureActQuantizer(7, (2, 3, 4, 8), signed=signed, per_feature=True)
+        q.initialize(x)
+        with torch.no_grad():
+            q.alpha.copy_(torch.randn(4))
+            q.mask[1] = 0.0
+            fast = q(x)
+        assert torch.equal(fast, q(x).detach())
+
+
 def test_single_candidate_equals_the_fixed_bit_quantizers():
     torch.manual_seed(2)
     w, x = torch.randn(4, 6), torch.randn(8, 6)

@@ -236,6 +236,8 @@ class SMPQ(SupernetRecipe):
     * ``momentum``, ``step_size``: the update ``u <- m u + (1-m) phi``, ``alpha <- alpha + step * u``;
     * ``value``: ``accuracy`` (Shapley-NAS) or ``neg_loss``; ``val_batch_size``: rows of the val-alpha
       batch drawn for each permutation; ``eval_chunk``: coalitions per vectorised forward pass;
+    * ``antithetic``: every second permutation is the reverse of the one before (ours, a variance
+      reduction; see ``benchmarks/smpq/estimator_study.md``);
     * ``arch_grad``: also train alpha by gradient with the complexity loss (the hybrid, off by default).
 
     Example:
@@ -254,7 +256,8 @@ class SMPQ(SupernetRecipe):
     step_size: float = 0.1
     value: str = "accuracy"
     val_batch_size: int = 1024
-    eval_chunk: int = 16
+    eval_chunk: int = 8
+    antithetic: bool = False
     arch_grad: bool = False
 
     def __post_init__(self) -> None:
@@ -273,8 +276,9 @@ class SMPQ(SupernetRecipe):
             raise ConfigError(f"value={self.value!r} is not supported: choose accuracy or neg_loss")
         _number("val_batch_size", self.val_batch_size, lo=1, integer=True)
         _number("eval_chunk", self.eval_chunk, lo=1, integer=True)
-        if not isinstance(self.arch_grad, bool):
-            raise ConfigError(f"arch_grad={self.arch_grad!r} must be true or false")
+        for flag in ("arch_grad", "antithetic"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag}={getattr(self, flag)!r} must be true or false")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,6 +442,7 @@ class _ShapleyUpdater:
             None, self.game.n_players, r.shapley_samples, truncation=r.truncation,
             truncation_ref="empty" if r.truncation_ref == "empty" else 0.0, rng=np.random.default_rng(seed),
             batch_eval=self.game, chunk=r.eval_chunk, resample=None if fixed else self._resample,
+            antithetic=r.antithetic,
         )
         phi = robust_normalise(estimate, self.game.groups())
         self.momentum = r.momentum * self.momentum + (1.0 - r.momentum) * phi

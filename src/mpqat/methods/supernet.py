@@ -44,6 +44,7 @@ from torch.nn import functional as F
 from mpqat.cost import layer_costs
 from mpqat.errors import ConfigError
 from mpqat.methods.allocation import Allocation, budget_costs, min_budget, solve_allocation
+from mpqat.nn.conv import QuantConv1d, QuantConv2d
 from mpqat.quant.mixture import MixtureActQuantizer, MixtureWeightQuantizer
 
 KINDS = ("w", "a")
@@ -160,6 +161,10 @@ class CoalitionValue:
         if value not in ("accuracy", "neg_loss"):
             raise ConfigError(f"value={value!r} is not supported: choose accuracy or neg_loss")
         self.net, self.space, self.value, self.max_batch = net, space, value, max(1, int(max_batch))
+        if any(isinstance(m, nn.modules.conv._ConvNd | QuantConv1d | QuantConv2d) for m in net.modules()):
+            # vmap turns a batch of convolutions with different kernels into a grouped convolution,
+            # slower per coalition on CPU than one coalition at a time (measured on resnet8)
+            self.max_batch = 1
         self.players: list[Player] = []
         self.slots: list[tuple[str, int, list[int]]] = []  # (mask buffer name, candidates, player ids)
         for kind in KINDS:

@@ -237,7 +237,20 @@ class MixtureActQuantizer(_Mixture):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not bool(self.initialized):
             self.initialize(x)
-        return self._mix(self.candidate_outputs(x))
+        # one candidate at a time: never holds the [C, *x.shape] stack (activations are the big tensors)
+        steps = self.candidate_steps().to(x.dtype)
+        weights = self.mixing().to(x.dtype)
+        grad = torch.is_grad_enabled()
+        out = None
+        for c in range(self.n_candidates):
+            qmin, qmax = act_int_range(self.candidate_bits[c : c + 1], self.signed)
+            if grad:
+                q = quantize_act_int(x, steps[c], self.candidate_bits[c : c + 1], self.signed) * steps[c]
+            else:  # the same values without the straight-through bookkeeping (evaluation of coalitions)
+                q = torch.clamp(torch.floor(x / steps[c] + 0.5), qmin.to(x.dtype), qmax.to(x.dtype)) * steps[c]
+            term = weights[c] * q
+            out = term if out is None else out + term
+        return out
 
     def extra_repr(self) -> str:
         return f"candidates={self.candidates}, features={self.features}, signed={self.signed}"
