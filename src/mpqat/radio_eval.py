@@ -78,7 +78,9 @@ def _model_and_splits(model_or_run: Any, splits: Any) -> tuple[nn.Module, Any]:
     return run.model, splits if splits is not None else run.splits()
 
 
-def predictions(model_or_run: Any, splits: Any = None, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predictions(
+    model_or_run: Any, splits: Any = None, split: str = "test"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(pred, y, snr_db)`` of a model (with ``splits``) or a run directory on ``split``."""
     from mpqat.train import predict_logits
 
@@ -114,17 +116,7 @@ def confusion_matrix(pred: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndar
     return out
 
 
-def plot_accuracy_vs_snr(
-    curves: dict[str, SnrCurve], path: str | Path, title: str = "", chance: float | None = None
-) -> Path:
-    """Draw one accuracy-vs-SNR line per entry of ``curves`` into a PNG; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+def _draw(ax: Any, curves: dict[str, SnrCurve], title: str, chance: float | None) -> None:
     markers = "osD^v<>ph*"
     for i, (label, curve) in enumerate(curves.items()):
         ax.plot(curve.snr_db, curve.accuracy, marker=markers[i % len(markers)], markersize=4,
@@ -135,10 +127,57 @@ def plot_accuracy_vs_snr(
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
+
+
+def plot_accuracy_vs_snr(
+    curves: dict[str, SnrCurve] | dict[str, dict[str, SnrCurve]],
+    path: str | Path,
+    title: str = "",
+    chance: float | None = None,
+) -> Path:
+    """Draw accuracy-vs-SNR lines into a PNG; returns the path.
+
+    ``curves`` maps a label to a :class:`SnrCurve` (one panel), or a panel title to such a
+    mapping (one panel each, side by side, e.g. one per model). The legend shows each overall
+    accuracy; ``chance`` draws a dotted line (1 / number of classes).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    panels = curves if curves and all(isinstance(v, dict) for v in curves.values()) else {"": curves}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.2), squeeze=False)
+    for ax, (name, group) in zip(axes[0], panels.items()):
+        _draw(ax, group, " - ".join(t for t in (title, name) if t), chance)  # type: ignore[arg-type]
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def radio_report(run: Any, run_dir: str | Path) -> tuple[list[str], list[Path]]:
+    """For ``mpqat report``: Markdown lines and ``acc_vs_snr.png`` of a run on a radio dataset.
+
+    Returns ``([], [])`` for a run on any other dataset. Example::
+
+        >>> lines, files = radio_report(load_run("runs/rf-tdla"), "runs/rf-tdla")   # doctest: +SKIP
+    """
+    from mpqat.data.registry import find_dataset
+
+    info = find_dataset(str(run.info.get("dataset", "")))
+    if info is None or info.kind != "radio":
+        return [], []
+    curve = accuracy_by_snr(run)
+    png = plot_accuracy_vs_snr({str(run.metrics.get("method", "model")): curve}, Path(run_dir) / "acc_vs_snr.png",
+                               title=info.name, chance=1.0 / info.n_classes)
+    lines = ["## Accuracy per SNR (test split)", "",
+             "| SNR (dB) | " + " | ".join(f"{s:g}" for s in curve.snr_db) + " |",
+             "|---|" + "---:|" * len(curve.snr_db),
+             "| accuracy (%) | " + " | ".join(f"{100 * a:.1f}" for a in curve.accuracy) + " |",
+             "", "![accuracy vs SNR](acc_vs_snr.png)", ""]
+    return lines, [png]

@@ -78,6 +78,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -263,9 +264,7 @@ def import_sionna() -> Any:
             f"the radio datasets are generated with NVIDIA Sionna, which is not installed ({exc}): "
             f"run '{SIONNA_INSTALL}' (--no-deps keeps your torch; or 'make setup')"
         ) from None
-    return dataclasses.make_dataclass(
-        "Sionna", ["channel", "config", "mapping", "signal", "tr38901"]
-    )(channel, config, mapping, signal, tr38901)
+    return SimpleNamespace(channel=channel, config=config, mapping=mapping, signal=signal, tr38901=tr38901)
 
 
 def constellation_points(name: str, sionna: Any | None = None) -> torch.Tensor:
