@@ -14,6 +14,12 @@ for weights, an input feature for activations, or the whole tensor) has a *stren
 
 The candidates are evaluated together as one ``[K, ...]`` tensor (no Python loop over neurons or
 candidates); each quantizer is one :class:`torch.autograd.Function` whose backward is written out.
+On a small model the step time is set by the number of kernels, not by FLOPs, so everything that
+depends only on the parameters (chosen candidates, mixing weights, snapped steps, what the chosen
+index picks out of the per-candidate constants) is computed once per optimizer step and cached by
+the parameters' version counters, comparisons write float masks directly (``eq(..., out=float)``)
+and the chosen candidate is selected with one one-hot contraction. The values and gradients are
+those of the straightforward implementation, bit for bit (``tests/quant/test_speed_regression.py``).
 
 * :class:`NeuronBitsWeightQuantizer`: signed weights; one LSQ step per (candidate, neuron), the
   1-bit candidate starting from the row's absmean (XNOR scale). Its backward is the full surrogate:
@@ -63,11 +69,9 @@ import torch
 from torch import nn
 
 from mpqat.quant.functional import (
-    MANTISSA_BITS,
     act_int_range,
     quantize_act_int,
     quantize_weight_int,
-    round_half_up,
     snapped_value,
     weight_int_range,
 )
@@ -134,16 +138,18 @@ def snapped(x: torch.Tensor) -> torch.Tensor:
     return snapped_value(x)
 
 
-def _in_range(r: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Float mask of ``r == code`` (1 where the clamp let ``r`` through).
-
-    A comparison written into a float tensor: one kernel, where a bool result plus a conversion
-    costs several times more on CPU."""
-    return torch.eq(r, code, out=torch.empty_like(r))
+def _stamp(*tensors: torch.Tensor | None) -> tuple:
+    """Identity, storage and version counter of each tensor: a cache entry keyed by this (and holding
+    the tensors, so that no identity is reused) is stale as soon as one is replaced or modified in place."""
+    return tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in tensors)
 
 
-def _version_key(*tensors: torch.Tensor | None) -> tuple:
-    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+def _without_grad(fn, *args):  # type: ignore[no-untyped-def]
+    """``fn(*args)`` with gradients off (entering ``no_grad`` only when they are on: it costs a few us)."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return fn(*args)
+    return fn(*args)
 
 
 class _LearnedBits(nn.Module):
@@ -151,8 +157,10 @@ class _LearnedBits(nn.Module):
 
     Everything that depends only on the parameters (chosen candidates, mixing weights, snapped
     steps) is computed once per optimizer step and cached, keyed by the parameters' version
-    counters (so an optimizer must update them in place with ordinary ops, which bump the counters:
-    not ``fused=True``)."""
+    counters: an optimizer must update them in place with ordinary tensor ops, which bump the
+    counters (``torch.optim`` does, except with ``fused=True``)."""
+
+    _CACHES = ("_cache", "_mix_cache", "_index_cache", "_index_consts_cache", "_consts_cache", "_tau_cache")
 
     def __init__(self, candidates: Sequence[int], thresholds: Sequence[float], rows: tuple[int, ...],
                  init_strength: float, tau: float) -> None:
@@ -179,38 +187,86 @@ class _LearnedBits(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self._clear_caches()
 
+    # -- caches ------------------------------------------------------------------------------------
+    # Each is a (key, value) pair in the instance __dict__ (plain attribute writes, not nn.Module's):
+    # _cache: the tensors derived from the scale/clip parameter and the strength (see _derived);
+    # _mix_cache: the mixing weights of the current strengths (_mixing); _index_cache: the chosen
+    # candidates (hard_index); _index_consts_cache: tensors that depend only on those (_index_consts);
+    # _consts_cache: references to the buffers and constants derived from them (_consts).
+
     def _clear_caches(self) -> None:
-        # (key, value) pairs: the derived tensors of the last step (see _derived), the mixing weights
-        # of the current strengths (see _mixing) and the chosen candidates (see hard_index).
-        self._cache: tuple[tuple, SimpleNamespace] | None = None
-        self._mix_cache: tuple[tuple, SimpleNamespace] | None = None
-        self._index_cache: tuple[tuple, torch.Tensor] | None = None
+        for name in self._CACHES:
+            self.__dict__[name] = None
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
-        for name in ("_cache", "_mix_cache", "_index_cache"):
+        for name in self._CACHES:
             state[name] = None  # copies and pickles recompute their derived tensors
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for name in ("_cache", "_mix_cache", "_index_cache"):
+        for name in self._CACHES:
             self.__dict__.setdefault(name, None)
+
+    def _apply(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # .to(), .double(), ...: new tensors
+        result = super()._apply(*args, **kwargs)
+        self._clear_caches()
+        return result
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._clear_caches()
+
+    def _consts(self) -> SimpleNamespace:
+        """Buffers and constants derived from them (attribute access on a module is slow)."""
+        consts = self.__dict__["_consts_cache"]
+        if consts is None:
+            with torch.no_grad():
+                consts = self.__dict__["_consts_cache"] = self._build_consts()
+        return consts
+
+    def _build_consts(self) -> SimpleNamespace:
+        k = len(self.candidates)
+        e1 = torch.zeros(k, 1, dtype=self.candidates.dtype, device=self.candidates.device)
+        e1[0] = 1.0
+        return SimpleNamespace(k=k, candidates=self.candidates, thresholds=self.thresholds, difference=self.difference,
+                               thresholds_col=self.thresholds.reshape(-1, 1), e1=e1)
+
+    def _inv_tau(self) -> torch.Tensor:
+        """``1 / tau`` as a 0-d tensor (an op with a tensor operand dispatches faster than with a float)."""
+        cache = self.__dict__["_tau_cache"]
+        if cache is None or cache[0] != self.tau:
+            cache = self.__dict__["_tau_cache"] = (self.tau, torch.tensor(1.0 / self.tau, device=self.candidates.device))
+        return cache[1]
 
     def _strength(self) -> torch.Tensor:
         return self.strength if self.strength is not None else self.candidates.new_zeros(self.rows)
 
     def hard_index(self) -> torch.Tensor:
-        """Chosen candidate per row of bits (int64)."""
+        """Chosen candidate per row of bits (int64). The returned tensor is shared: do not modify it."""
         strength = self.strength
-        if strength is None:
-            key: tuple = (self.candidates.device,)
-        else:
-            key = (strength.data_ptr(), strength._version, self.thresholds.data_ptr(), self.thresholds._version)
-        cache = self._index_cache
+        thresholds = self._consts().thresholds
+        key = _stamp(strength, thresholds)
+        cache = self.__dict__["_index_cache"]
         if cache is None or cache[0] != key:
-            cache = self._index_cache = (key, hard_index(self._strength(), self.thresholds))
+            index = hard_index(self._strength(), thresholds)
+            if cache is not None and torch.equal(index, cache[1]):
+                index = cache[1]  # same choice: keep the tensor, so what depends on it stays cached
+            cache = self.__dict__["_index_cache"] = (key, index, (strength, thresholds))
         return cache[1]
+
+    def _index_consts(self) -> SimpleNamespace:
+        """Tensors that depend only on the chosen candidates (see :meth:`_compute_index_consts`)."""
+        index = self.hard_index()
+        cache = self.__dict__["_index_consts_cache"]
+        if cache is None or cache[0] is not index:
+            with torch.no_grad():
+                cache = self.__dict__["_index_consts_cache"] = (index, self._compute_index_consts(index))
+        return cache[1]
+
+    def _compute_index_consts(self, index: torch.Tensor) -> SimpleNamespace:
+        raise NotImplementedError
 
     def hard_bits(self) -> torch.Tensor:
         """Chosen bit-width per row of bits, shape of the strength."""
@@ -218,21 +274,23 @@ class _LearnedBits(nn.Module):
 
     def _mixing(self) -> SimpleNamespace:
         """``pi`` and ``dpi/ds`` (``[K, *strength.shape]``, no gradient) of the current strengths and
-        temperature, cached while neither changes; ``g`` keeps the sigmoids for :meth:`expected_bits`."""
+        temperature, cached while neither changes; ``g`` keeps the sigmoids for :meth:`expected_bits`.
+        The values are those of :func:`mixing_weights`."""
         strength = self.strength
-        key = (strength.data_ptr(), strength._version, self.tau)
-        cache = self._mix_cache
+        key = (*_stamp(strength), self.tau)
+        cache = self.__dict__["_mix_cache"]
         if cache is None or cache[0] != key:
-            with torch.no_grad():
-                k = len(self.candidates)
-                g = torch.sigmoid((strength.reshape(1, -1) - self.thresholds.reshape(-1, 1)).mul_(1.0 / self.tau))
-                pi = torch.mm(self.difference, g)
-                pi[0] += 1.0
-                dpi = torch.mm(self.difference, torch.addcmul(g, g, g, value=-1.0)).mul_(1.0 / self.tau)
-                shape = (k, *strength.shape)
-                mix = SimpleNamespace(pi=pi.reshape(shape), dpi=dpi.reshape(shape), g=g)
-            cache = self._mix_cache = (key, mix)
+            cache = self.__dict__["_mix_cache"] = (key, _without_grad(self._compute_mixing, strength.detach()), strength)
         return cache[1]
+
+    def _compute_mixing(self, strength: torch.Tensor) -> SimpleNamespace:
+        c = self._consts()
+        inv_tau = self._inv_tau()
+        g = torch.sigmoid(torch.sub(strength.view(1, -1), c.thresholds_col).mul_(inv_tau))  # [K-1, n]
+        pi = torch.addmm(c.e1, c.difference, g)  # e_1 + D g: (1 - g_1, g_1 - g_2, ..., g_{K-1})
+        dpi = torch.mm(c.difference, torch.addcmul(g, g, g, value=-1.0)).mul_(inv_tau)
+        shape = (c.k, *strength.shape)
+        return SimpleNamespace(pi=pi.view(shape), dpi=dpi.view(shape), g=g)
 
     def expected_bits(self) -> torch.Tensor:
         """Differentiable bits ``sum_k pi_k(s) b_k`` per row of bits (flattened)."""
@@ -244,11 +302,10 @@ class _LearnedBits(nn.Module):
         """Per-step tensors derived from the scale/clip parameter and the strength, cached while
         neither changes (so ``QuantLinear``'s bias rounding reuses what the forward computed)."""
         strength = self.strength
-        key = (param.data_ptr(), param._version, None if strength is None else strength._version, self.tau)
-        cache = self._cache
+        key = (*_stamp(param, strength), self.tau)
+        cache = self.__dict__["_cache"]
         if cache is None or cache[0] != key:
-            with torch.no_grad():
-                cache = self._cache = (key, self._compute_derived(param.detach()))
+            cache = self.__dict__["_cache"] = (key, _without_grad(self._compute_derived, param.detach()), (param, strength))
         return cache[1]
 
     def _compute_derived(self, param: torch.Tensor) -> SimpleNamespace:
@@ -269,24 +326,30 @@ class _LearnedBits(nn.Module):
         grad = strength.grad
         beta1, beta2 = betas
         t = int(self.strength_updates.add_(1))
-        self.strength_momentum.lerp_(grad, 1.0 - beta1)
-        self.strength_sq.lerp_(grad.square().mean(), 1.0 - beta2)
-        denom = (self.strength_sq / (1.0 - beta2**t)).sqrt_().add_(1e-12)
-        strength.sub_(self.strength_momentum / denom, alpha=lr / (1.0 - beta1**t))
+        momentum, sq = self.strength_momentum, self.strength_sq
+        momentum.lerp_(grad, 1.0 - beta1)
+        sq.lerp_(torch.mul(grad, grad).mean(), 1.0 - beta2)  # grad * grad is what square() computes
+        denom = torch.div(sq, 1.0 - beta2**t).sqrt_().add_(1e-12)
+        strength.sub_(torch.div(momentum, denom), alpha=lr / (1.0 - beta1**t))
         strength.grad = None
-        self.constrain(allow_shrink)
+        self._constrain(allow_shrink)
 
     @torch.no_grad()
     def constrain(self, allow_shrink: bool) -> None:
         """Keep ``s`` in ``[0, 1]``; without ``allow_shrink`` never let a row fall back below the
         lowest edge of the highest bucket it has reached."""
-        if self.strength is None:
+        self._constrain(allow_shrink)
+
+    def _constrain(self, allow_shrink: bool) -> None:
+        strength = self.strength
+        if strength is None:
             return
         if allow_shrink:
-            self.strength.clamp_(0.0, 1.0)
+            strength.clamp_(0.0, 1.0)
             return
-        torch.maximum(self.strength.clamp_(max=1.0), self.strength_floor, out=self.strength)
-        torch.index_select(self.edges, 0, self.hard_index().reshape(-1), out=self.strength_floor.view(-1))
+        floor = self.strength_floor
+        torch.maximum(strength.clamp_(max=1.0), floor, out=strength)
+        torch.index_select(self.edges, 0, self.hard_index().view(-1), out=floor.view(-1))
 
 
 class _ExpectedBits(torch.autograd.Function):
@@ -303,10 +366,11 @@ class _ExpectedBits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         mix, quant = ctx.mix, ctx.quant
+        c = quant._consts()
         # d/dg_j of sum_k pi_k b_k is (b_{j+1} - b_j) grad; then the sigmoid's g (1 - g) / tau.
-        weighted = grad.reshape(1, -1) * quant.candidates.reshape(-1, 1)  # [K, n]
+        weighted = grad.reshape(1, -1) * c.candidates.reshape(-1, 1)  # [K, n]
         g = mix.g
-        g_g = torch.mm(quant.difference.t(), weighted)  # [K-1, n]
+        g_g = torch.mm(c.difference.t(), weighted)  # [K-1, n]
         g_z = (g_g * (1.0 - g)).mul_(g).mul_(1.0 / quant.tau)
         return g_z.sum(0).reshape(quant.strength.shape), None
 
@@ -320,26 +384,24 @@ class _WeightSurrogate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, step, strength, quant):  # noqa: D102  (autograd API)
         d = quant._derived(step)
-        u = weight * d.inv_sc  # [K, out, in]
-        r = torch.add(u, 0.5).floor_()
+        r = torch.mul(weight, d.inv_sc).add_(0.5).floor_()  # [K, out, in]
         code = torch.maximum(r, d.qmin)
         torch.minimum(code, d.qmax, out=code)
         if d.binary_first:  # sign(w) with sign(0) = +1, written as 2 [w >= 0] - 1
             torch.ge(weight, 0.0, out=code[0]).mul_(2.0).sub_(1.0)
         ctx.d = d
-        ctx.save_for_backward(weight, u, r, code)
-        if d.k == 1:
-            return code[0] * d.sc_h
-        return code.gather(0, d.gather_index).squeeze_(0).mul_(d.sc_h)
+        ctx.save_for_backward(weight, r, code)
+        # The chosen candidate times its step: sum_k code_k * [k = h] sc_h (one kernel, exact).
+        return torch.linalg.vecdot(code, d.select, dim=0)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        weight, u, r, code = ctx.saved_tensors
+        weight, r, code = ctx.saved_tensors
         d = ctx.d
         # In-range masks of the straight-through estimators: round(u) unclipped, |u| <= 1 at 1 bit.
-        mask = _in_range(r, code)
+        mask = torch.eq(r, code, out=torch.empty_like(r))
         if d.binary_first:
-            torch.le(u[0].abs(), 1.0, out=mask[0])
+            torch.le(torch.mul(weight, d.inv_sc[0]).abs_(), 1.0, out=mask[0])
         pi = d.pi
         grad_w = grad * (mask[0] if pi is None else torch.linalg.vecdot(mask, pi, dim=0))
         inner = (code * grad).sum(-1, keepdim=True)  # <G_j, code_k(W_j)>, [K, out, 1]
@@ -354,11 +416,11 @@ class _WeightSurrogate(torch.autograd.Function):
         if pi is not None and ctx.needs_input_grad[2]:
             # Scale-matched mixture: every candidate row rescaled to the chosen row's norm, so the
             # strength compares what the bits can express (the direction of the integer codes),
-            # not the candidates' scales, which the steps learn anyway.
-            # ||code_k||, [K, out, 1] (code * code: the integer pow kernel behind square() is ~20x slower on CPU)
-            norm = (code * code).sum(-1, keepdim=True).sqrt_().clamp_min_(1e-12)
-            chosen = norm.gather(0, d.norm_index).squeeze_(0).mul_(d.sc_h)
-            g_strength = (d.dpi * (inner / norm)).sum(0) * chosen
+            # not the candidates' scales, which the steps learn anyway. (code * code: the pow
+            # kernel behind square() is several times slower on CPU.)
+            norm = (code * code).sum(-1, keepdim=True).sqrt_().clamp_min_(1e-12)  # ||code_k||, [K, out, 1]
+            chosen = torch.linalg.vecdot(norm, d.select, dim=0)  # ||code_h|| sc_h, [out, 1]
+            g_strength = torch.linalg.vecdot(d.dpi, inner.div_(norm), dim=0).mul_(chosen)
             if d.dpi.shape[1] == 1:
                 g_strength = g_strength.sum(0, keepdim=True)
         return grad_w, g_step, g_strength, None
@@ -396,30 +458,32 @@ class NeuronBitsWeightQuantizer(_LearnedBits):
         self.step.copy_(torch.where(self.candidates.reshape(-1, 1, 1) <= 1, mean_abs, lsq))
         self.initialized.fill_(True)
 
+    def _build_consts(self) -> SimpleNamespace:
+        consts = super()._build_consts()
+        consts.__dict__.update(qmin=self.qmin, qmax=self.qmax, grad_scale=self.grad_scale)
+        return consts
+
+    def _compute_index_consts(self, index: torch.Tensor) -> SimpleNamespace:
+        """One-hot ``[K, N, 1]`` of the chosen candidate per row (``N = max(step rows, strength rows)``)."""
+        k, rows = len(self.candidates), max(self.step.shape[1], index.shape[0])
+        onehot = torch.zeros(k, rows, 1, dtype=self.step.dtype, device=index.device)
+        onehot.scatter_(0, index.expand(rows, 1).unsqueeze(0), 1.0)
+        return SimpleNamespace(onehot=onehot)
+
     def _compute_derived(self, step: torch.Tensor) -> SimpleNamespace:
         """Per-step constants: snapped steps ``sc`` ``[K, S, 1]`` and inverses, the chosen step
-        ``sc_h`` ``[N, 1]`` (``N = max(S, R)``) with the index tensors that pick it, the mixing
-        weights and their derivatives, the LSQ gradient scale with the sign of the step."""
-        k, rows_s = step.shape[0], step.shape[1]
-        sc = snapped(step.abs().clamp_min_(1e-12))
-        index = self.hard_index()  # [R, 1]
-        rows = max(rows_s, index.shape[0])
-        if k == 1:
-            sc_h = sc[0].expand(rows, 1)
-            gather_index = norm_index = None
-        else:
-            index = index.expand(rows, 1).unsqueeze(0)  # [1, N, 1]
-            sc_h = sc.expand(-1, rows, 1).gather(0, index).squeeze_(0)
-            gather_index = index.expand(1, self.out_features, self.in_features)
-            norm_index = index.expand(1, self.out_features, 1)
+        ``sc_h`` ``[N, 1]`` (``N = max(S, R)``) and ``select`` = one-hot x ``sc`` ``[K, N, 1]``, the
+        mixing weights and their derivatives, the LSQ gradient scale with the sign of the step."""
+        c = self._consts()
+        sc = snapped_value(step.abs().clamp_min_(1e-12))
+        select = self._index_consts().onehot * sc
         pi = dpi = None
         if self.strength is not None:
             mix = self._mixing()
             pi, dpi = mix.pi, mix.dpi
-        return SimpleNamespace(sc=sc, inv_sc=torch.reciprocal(sc), sc_h=sc_h, gather_index=gather_index,
-                               norm_index=norm_index, pi=pi, dpi=dpi, qmin=self.qmin, qmax=self.qmax, k=k,
-                               binary_first=self.binary_first, sc_rows=rows_s,
-                               step_grad_scale=self.grad_scale * torch.sign(step))
+        return SimpleNamespace(inv_sc=torch.reciprocal(sc), sc_h=select.sum(0), select=select, pi=pi, dpi=dpi,
+                               qmin=c.qmin, qmax=c.qmax, binary_first=self.binary_first, sc_rows=step.shape[1],
+                               step_grad_scale=c.grad_scale * torch.sign(step))
 
     @property
     def bit_widths(self) -> torch.Tensor:
@@ -486,7 +550,7 @@ class _ActSurrogate(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         x, u, r, code = ctx.saved_tensors
         d = ctx.d
-        grad_x = grad * _in_range(r, code)
+        grad_x = grad * torch.eq(r, code, out=torch.empty_like(r))  # the in-range mask
         # LSQ gradient of the chosen power-of-two step 2**round(log2 alpha - ...):
         # sum_batch G * (code - u * mask) * step * ln 2, times the gradient scale.
         g_clip = torch.addcmul(grad * code, grad_x, u, value=-1.0).sum(0).mul_(d.clip_grad_scale)
@@ -496,14 +560,14 @@ class _ActSurrogate(torch.autograd.Function):
         if d.dpi is not None and ctx.needs_input_grad[2]:
             # Every candidate on its nested grid, all clipped at the lowest candidate's range: the
             # strength gradient compares resolutions; the range is the clip's job.
-            codes = (x.unsqueeze(0) * d.inv_steps).add_(0.5).floor_()  # [K, B, C]
+            codes = torch.mul(x, d.inv_steps).add_(0.5).floor_()  # [K, B, C]
             if d.signed:
                 torch.maximum(codes, d.common_qmin, out=codes)
             else:
                 codes.clamp_(min=0.0)
             torch.minimum(codes, d.common_qmax, out=codes)
             inner = codes.mul_(grad).sum(1)  # <G_i, code_k(x_i)>, [K, C']
-            g_strength = (d.dpi_steps * inner).sum(0)
+            g_strength = torch.linalg.vecdot(d.dpi_steps, inner, dim=0)
             if d.dpi.shape[1] == 1:
                 g_strength = g_strength.sum().reshape(1)
         return grad_x, g_clip, g_strength, None
@@ -533,15 +597,6 @@ class NeuronBitsActQuantizer(_LearnedBits):
         self.register_buffer("common_qmax", (qmax[0] * torch.exp2(self.extra_bits)).reshape(-1, 1, 1))
         n = features if not per_feature else 1
         self.register_buffer("grad_scale", 1.0 / torch.sqrt(n * qmax))
-        # Per-step constants that never change (not saved: they follow from the buffers above).
-        self.register_buffer("_common_qmin", -self.common_qmax, persistent=False)
-        self.register_buffer("_grad_scale_ln2", self.grad_scale * LN2, persistent=False)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super()._load_from_state_dict(*args, **kwargs)
-        with torch.no_grad():  # keep the derived constants in step with loaded buffers
-            self._common_qmin.copy_(-self.common_qmax)
-            self._grad_scale_ln2.copy_(self.grad_scale * LN2)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -557,26 +612,42 @@ class NeuronBitsActQuantizer(_LearnedBits):
         self.log2_clip.copy_(torch.log2(alpha.clamp_min(1e-6)))
         self.initialized.fill_(True)
 
+    def _build_consts(self) -> SimpleNamespace:
+        consts = super()._build_consts()
+        consts.__dict__.update(
+            log2_qmax0=self.log2_qmax[0], extra_col=self.extra_bits.unsqueeze(1), common_qmax=self.common_qmax,
+            common_qmin=-self.common_qmax, half=torch.tensor(0.5, dtype=self.qmax.dtype, device=self.qmax.device),
+            # what the chosen index picks, in one lookup: extra bits, qmin, qmax, grad_scale * ln 2
+            table=torch.stack([self.extra_bits, self.qmin, self.qmax, self.grad_scale * LN2], dim=1),
+        )
+        return consts
+
+    def _compute_index_consts(self, index: torch.Tensor) -> SimpleNamespace:
+        picked = torch.index_select(self._consts().table, 0, index.view(-1))  # [R, 4]
+        extra, qmin, qmax, gs_ln2 = picked.t().contiguous().unbind(0)
+        return SimpleNamespace(extra=extra, qmin=qmin, qmax=qmax, gs_ln2=gs_ln2)
+
     def _compute_derived(self, log2_clip: torch.Tensor) -> SimpleNamespace:
         """Per-step constants: every candidate's step ``[K, 1, C]`` and its inverse, the chosen step,
         inverse step and code range per feature, the mixing-weight derivatives times the steps."""
+        c = self._consts()
+        ic = self._index_consts()
         # Nested grids: the lowest candidate's step is the power of two nearest alpha / Q_P(b_1); a
         # candidate with b more bits halves it (b - b_1) times, so every candidate clips at ~alpha.
-        base = round_half_up(log2_clip - self.log2_qmax[0])  # [C']
-        index = self.hard_index()  # [R]
-        e_h = base - self.extra_bits[index]  # [max(C', R)]
+        base = torch.sub(log2_clip, c.log2_qmax0).add_(c.half).floor_()  # round half up, [C']
+        e_h = base - ic.extra  # [max(C', R)]
         step_h = torch.exp2(e_h)
         dpi = dpi_steps = inv_steps = None
         if self.strength is not None:
-            exps = base.unsqueeze(0) - self.extra_bits.unsqueeze(1)  # [K, C']
+            exps = base - c.extra_col  # [K, C']
             dpi = self._mixing().dpi  # [K, R]
             dpi_steps = dpi * torch.exp2(exps)
             inv_steps = torch.exp2(exps.neg_()).unsqueeze_(1)
         return SimpleNamespace(
             inv_steps=inv_steps, step_h=step_h, inv_step_h=torch.exp2(-e_h), e_h=e_h, min_step=None,
-            qmin_h=self.qmin[index], qmax_h=self.qmax[index], signed=self.signed, dpi=dpi, dpi_steps=dpi_steps,
-            common_qmin=self._common_qmin, common_qmax=self.common_qmax, clip_numel=log2_clip.numel(),
-            clip_grad_scale=step_h * self._grad_scale_ln2[index],
+            qmin_h=ic.qmin, qmax_h=ic.qmax, signed=self.signed, dpi=dpi, dpi_steps=dpi_steps,
+            common_qmin=c.common_qmin, common_qmax=c.common_qmax, clip_numel=log2_clip.numel(),
+            clip_grad_scale=step_h * ic.gs_ln2,
         )
 
     @property

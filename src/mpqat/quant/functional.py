@@ -7,7 +7,7 @@ bit for bit (``torch.round`` rounds half to even and would not).
 Example:
     >>> import torch
     >>> round_half_up(torch.tensor([0.5, 1.5, -0.5, -1.5]))
-    tensor([ 1.,  2., -0., -1.])
+    tensor([ 1.,  2.,  0., -1.])
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def snap_mantissa(x: torch.Tensor, bits: int = MANTISSA_BITS) -> torch.Tensor:
 
 
 def snapped_value(x: torch.Tensor, bits: int = MANTISSA_BITS) -> torch.Tensor:
-    """The value of :func:`snap_mantissa` for positive finite ``x`` (no gradient), in fewer kernels.
+    """The value of :func:`snap_mantissa` for positive normal ``x`` (no gradient), in fewer kernels.
 
     For float32 the magnitude is rounded half up to ``bits`` significant bits by integer arithmetic
     on the IEEE-754 representation (two kernels instead of seven; a carry moves into the exponent);
@@ -58,11 +58,12 @@ def snapped_value(x: torch.Tensor, bits: int = MANTISSA_BITS) -> torch.Tensor:
         >>> torch.equal(snapped_value(x), snap_mantissa(x))
         True
     """
+    x = x.detach()
     if x.dtype == torch.float32 and bits < 24:
         drop = 24 - bits  # float32 has 24 significant bits
         raw = x.contiguous().view(torch.int32)
         return ((raw + (1 << (drop - 1))) & ~((1 << drop) - 1)).view(torch.float32)
-    mantissa, exponent = torch.frexp(x.detach())
+    mantissa, exponent = torch.frexp(x)
     return torch.ldexp(round_half_up(mantissa * 2.0**bits), exponent - bits).to(x.dtype)
 
 

@@ -52,9 +52,10 @@ LN2 = math.log(2.0)
 _transforms_active = torch._C._are_functorch_transforms_active
 
 
-def _key(*tensors: torch.Tensor) -> tuple:
-    """Identity and version of tensors: changes whenever one is replaced or modified in place."""
-    return tuple(x for t in tensors for x in (t.data_ptr(), t._version))
+def _stamp(*tensors: torch.Tensor) -> tuple:
+    """Identity, storage and version counter of each tensor: a cache entry keyed by this (and holding
+    the tensors, so that no identity is reused) is stale as soon as one is replaced or modified in place."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -67,23 +68,46 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 class _CachedStep(nn.Module):
-    """Caches tensors derived from one parameter (and the bit-width buffer) until either changes."""
+    """Caches the tensors derived from the bit-widths (until the buffer changes) and from the step
+    parameter (until it or the bit-widths change): the training path computes them once per
+    optimizer step."""
 
     def _cached(self, param: torch.Tensor) -> SimpleNamespace:
-        key = _key(param, self.bit_widths)
+        bits = self.bit_widths
+        bits_key = _stamp(bits)
+        cache = self.__dict__.get("_bits_cache")
+        if cache is None or cache[0] != bits_key:
+            with torch.no_grad():
+                cache = (bits_key, self._compute_bits(bits), bits)
+            self.__dict__["_bits_cache"] = cache
+        consts = cache[1]
+        key = (*_stamp(param), *bits_key)
         cache = self.__dict__.get("_step_cache")
         if cache is None or cache[0] != key:
-            with torch.no_grad():
-                cache = (key, self._compute(param.detach()))
+            if torch.is_grad_enabled():
+                with torch.no_grad():
+                    cache = (key, self._compute(param.detach(), consts), (param, bits))
+            else:
+                cache = (key, self._compute(param.detach(), consts), (param, bits))
             self.__dict__["_step_cache"] = cache
         return cache[1]
 
-    def _compute(self, param: torch.Tensor) -> SimpleNamespace:
+    def _compute_bits(self, bits: torch.Tensor) -> SimpleNamespace:
         raise NotImplementedError
+
+    def _compute(self, param: torch.Tensor, consts: SimpleNamespace) -> SimpleNamespace:
+        raise NotImplementedError
+
+    def _apply(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # .to(), .double(), ...: new tensors
+        result = super()._apply(*args, **kwargs)
+        self.__dict__.pop("_step_cache", None)
+        self.__dict__.pop("_bits_cache", None)
+        return result
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
-        state.pop("_step_cache", None)  # copies and pickles recompute it
+        state.pop("_step_cache", None)  # copies and pickles recompute them
+        state.pop("_bits_cache", None)
         return state
 
 
@@ -164,17 +188,19 @@ class LSQWeightQuantizer(_CachedStep):
         """The value of :meth:`scale` (no gradient), computed once per optimizer step."""
         return self._cached(self.step).scale
 
-    def _compute(self, step: torch.Tensor) -> SimpleNamespace:
-        g = self._grad_scale()
+    def _compute_bits(self, bits: torch.Tensor) -> SimpleNamespace:
+        qmax = weight_int_range(bits).to(self.step.dtype)
+        binary_rows = (bits <= 1).to(self.step.dtype)
+        binary = "all" if bool(binary_rows.all()) else ("none" if not bool(binary_rows.any()) else "mixed")
+        return SimpleNamespace(g=self._grad_scale(), qmax=qmax, qmin=-qmax, binary=binary, binary_rows=binary_rows)
+
+    def _compute(self, step: torch.Tensor, consts: SimpleNamespace) -> SimpleNamespace:
+        g = consts.g
         v = grad_scale(step, g)  # the value the autograd graph computes (may differ from step by an ulp)
         magnitude = v.abs()
-        bits = self.bit_widths
-        qmax = weight_int_range(bits).to(step.dtype)
-        binary_rows = (bits <= 1).to(step.dtype)
-        binary = "all" if bool(binary_rows.all()) else ("none" if not bool(binary_rows.any()) else "mixed")
         return SimpleNamespace(
-            scale=snapped_value(magnitude.clamp_min(1e-12)), qmax=qmax, qmin=-qmax, binary=binary,
-            binary_rows=binary_rows, clamp_mask=(magnitude >= 1e-12).to(step.dtype), sign=torch.sign(v), g=g,
+            scale=snapped_value(magnitude.clamp_min(1e-12)), qmax=consts.qmax, qmin=consts.qmin, binary=consts.binary,
+            binary_rows=consts.binary_rows, clamp_mask=(magnitude >= 1e-12).to(step.dtype), sign=torch.sign(v), g=g,
         )
 
     def bits(self) -> torch.Tensor:
@@ -270,11 +296,15 @@ class Pow2ActQuantizer(_CachedStep):
         """``min(step())`` (a 0-d tensor, no gradient), computed once per optimizer step."""
         return self._cached(self.log2_step).min_step
 
-    def _compute(self, log2_step: torch.Tensor) -> SimpleNamespace:
-        g = self._grad_scale()
+    def _compute_bits(self, bits: torch.Tensor) -> SimpleNamespace:
+        qmin, qmax = act_int_range(bits, self.signed)
+        dtype = self.log2_step.dtype
+        return SimpleNamespace(g=self._grad_scale(), qmin=qmin.to(dtype), qmax=qmax.to(dtype))
+
+    def _compute(self, log2_step: torch.Tensor, consts: SimpleNamespace) -> SimpleNamespace:
+        g = consts.g
         step = torch.pow(2.0, torch.floor(grad_scale(log2_step, g) + 0.5))
-        qmin, qmax = act_int_range(self.bit_widths, self.signed)
-        return SimpleNamespace(step=step, qmin=qmin.to(step.dtype), qmax=qmax.to(step.dtype), signed=self.signed,
+        return SimpleNamespace(step=step, qmin=consts.qmin, qmax=consts.qmax, signed=self.signed,
                                g=g, dstep=step * LN2, min_step=step.min())
 
     def bits(self) -> torch.Tensor:
