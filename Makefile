@@ -10,11 +10,14 @@ DEMO   ?= runs/demo
 setup: $(STAMP) data
 
 # torch is installed first and pinned, so no dependency can pull a CUDA build (see README, "GPU").
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# NVIDIA Sionna (radio datasets rf-*): --no-deps, or its requirements would pull another torch;
+	# importlib-resources is the only one of them that mpqat's dependencies do not already bring.
+	$(BIN)/pip install -q --no-deps sionna-no-rt==2.2.0 importlib-resources==7.1.0
 	touch $(STAMP)
 
 data: $(STAMP)

@@ -99,7 +99,7 @@ def data_fetch(name: str, force: bool, archive: str | None) -> None:
               help="Average weight-bit budget, e.g. 2.81 (adq: avg_bits; hawq: budget with budget_kind=avg_bits).")
 @click.option("--model", default="mlp", show_default=True,
               help="mlp, mlp-small or mlp-large (4x512, as the NMP-QAT paper); for image datasets lenet5, resnet8 or "
-                   "resnet20; for I/Q frames cnn1d.")
+                   "resnet20; for I/Q frames cnn1d; tabpfn-v1 for the pretrained TabPFN (in-context, episodic QAT).")
 @click.option("--hidden", default=None, help="Hidden widths, e.g. 256,256.")
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--pretrain-epochs", type=int, default=0, show_default=True,
@@ -185,7 +185,7 @@ def _avg_bits_fields(method: str | None, config: str | None, value: float) -> di
     if {"budget", "budget_kind"} <= fields:
         return {"budget_kind": "avg_bits", "budget": value}
     raise ConfigError(f"--avg-bits does not apply to the '{name}' method (it has no average weight-bit budget); "
-                      "use --method adq or hawq, or --w-bits for fixed bits")
+                      "use --method adq, hawq, smpq or dnas, or --w-bits for fixed bits")
 
 
 def _parse_hidden(hidden: str | None) -> list[int] | None:

@@ -91,5 +91,10 @@ def write_report(run_dir: Path) -> list[Path]:
     for name, hist in cost.bit_histograms().items():
         lines.append(f"| {name} | {json.dumps(hist['weights'])} | {json.dumps(hist['activations'])} |")
     lines += ["", "![bit-widths](bits_heatmap.png)", "", "![history](history.png)", ""]
+    from mpqat.radio_eval import radio_report  # accuracy per SNR, only for the rf-* datasets
+
+    snr_lines, snr_files = radio_report(run, run_dir)
+    lines += snr_lines
+    written += snr_files
     (run_dir / "report.md").write_text("\n".join(lines))
     return [run_dir / "report.md", *written]

@@ -91,8 +91,13 @@ def _make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Logits of ``model`` in eval mode on ``X`` (float64 numpy array)."""
+def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """Logits of ``model`` in eval mode on ``X`` (float64 numpy array).
+
+    ``batch_size`` defaults to the model's ``eval_batch_size`` attribute, else 4096 (CNNs use smaller
+    batches: their exact float64 path on large activation maps is much faster in small chunks).
+    """
+    batch_size = int(batch_size or getattr(model, "eval_batch_size", 4096))
     model.eval()
     outs = [model(torch.from_numpy(X[i : i + batch_size])).double() for i in range(0, len(X), batch_size)]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0))

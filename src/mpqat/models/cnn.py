@@ -39,6 +39,10 @@ from mpqat.errors import ConfigError
 from mpqat.nn.conv import record_input_sizes
 
 _QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+#: rows per batch in :func:`mpqat.train.predict_logits`: the exact eval path computes in float64 on
+#: whole activation maps; small batches keep them below the allocator's mmap threshold (4096 rows of
+#: a 16x28x28 map are 400 MB per tensor, and page faults then cost 4x the compute)
+EVAL_BATCH_SIZE = 256
 
 
 def _check_shape(name: str, input_shape: Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -70,6 +74,8 @@ class LeNet5(nn.Sequential):
         >>> LeNet5(10, (1, 28, 28))(torch.randn(3, 784)).shape
         torch.Size([3, 10])
     """
+
+    eval_batch_size = EVAL_BATCH_SIZE
 
     def __init__(self, n_classes: int, input_shape: Sequence[int] = (1, 28, 28)) -> None:
         shape = _check_shape("lenet5", input_shape, 3)
@@ -141,6 +147,8 @@ class ResNet(nn.Module):
         (19, torch.Size([2, 10]))
     """
 
+    eval_batch_size = EVAL_BATCH_SIZE
+
     def __init__(self, n_classes: int, input_shape: Sequence[int] = (3, 32, 32), depth: int = 20,
                  width: float = 1.0, shortcut: str = "A") -> None:
         super().__init__()
@@ -197,6 +205,8 @@ class CNN1d(nn.Sequential):
         >>> CNN1d(8, (2, 128))(torch.randn(4, 256)).shape
         torch.Size([4, 8])
     """
+
+    eval_batch_size = EVAL_BATCH_SIZE
 
     def __init__(self, n_classes: int, input_shape: Sequence[int] = (2, 128),
                  channels: Sequence[int] = (32, 32, 64, 64), kernel_size: int = 5, hidden: int = 64) -> None:

@@ -44,8 +44,11 @@ def model_spec(name: str, in_features: int, n_classes: int, input_shape: Sequenc
         >>> model_spec("lenet5", 784, 10, input_shape=(1, 28, 28))["input_shape"]
         [1, 28, 28]
     """
+    if name == "tabpfn-v1":
+        raise ConfigError("tabpfn-v1 is a pretrained in-context model, not trained by the MLP trainer: use "
+                          "'mpqat train --model tabpfn-v1 ...' or mpqat.tabpfn.run.train_tabpfn_run (docs/tabpfn.md)")
     if name not in _DEFAULTS:
-        raise ConfigError(f"unknown model '{name}': choose one of {', '.join(MODEL_NAMES)}")
+        raise ConfigError(f"unknown model '{name}': choose one of {', '.join(MODEL_NAMES)} (or tabpfn-v1)")
     spec = {"name": name, "in_features": int(in_features), "n_classes": int(n_classes), **_DEFAULTS[name]}
     if name in SHAPED_MODELS:
         ndim = SHAPED_MODELS[name]
@@ -69,6 +72,10 @@ def model_spec(name: str, in_features: int, n_classes: int, input_shape: Sequenc
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """Build the float model described by :func:`model_spec`."""
     name = spec.get("name")
+    if name == "tabpfn-v1":  # the pretrained checkpoint ('mpqat data fetch tabpfn-v1'); see mpqat.tabpfn
+        from mpqat.tabpfn.model import load_tabpfn
+
+        return load_tabpfn(spec.get("checkpoint"))
     if name in ("mlp", "mlp-small", "mlp-large"):
         return MLP(spec["in_features"], spec["n_classes"], hidden=tuple(spec["hidden"]), dropout=spec.get("dropout", 0.0))
     if name == "lenet5":
@@ -77,6 +84,11 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         return ResNet(spec["n_classes"], spec["input_shape"], depth=int(name[len("resnet"):]),
                       width=float(spec.get("width", 1.0)), shortcut=str(spec.get("shortcut", "A")))
     if name == "cnn1d":
+        hidden = spec["hidden"]
+        if isinstance(hidden, list | tuple):  # --hidden 128 gives [128]
+            if len(hidden) != 1:
+                raise ConfigError(f"cnn1d has one hidden fc layer: give one width, got {list(hidden)}")
+            hidden = hidden[0]
         return CNN1d(spec["n_classes"], spec["input_shape"], channels=tuple(spec["channels"]),
-                     kernel_size=int(spec["kernel_size"]), hidden=int(spec["hidden"]))
+                     kernel_size=int(spec["kernel_size"]), hidden=int(hidden))
     raise ConfigError(f"unknown model '{name}': choose one of {', '.join(MODEL_NAMES)}")

@@ -55,7 +55,7 @@ MAX_THRESHOLD_BITS = 8
 def _count_at_most(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """``#{k : thresholds[j, k] <= x[..., j]}`` for x ``[..., F]`` and sorted thresholds ``[F or 1, L]`` (int64)."""
     if thresholds.shape[0] == 1:
-        return torch.bucketize(x, thresholds[0].contiguous(), right=True)
+        return torch.bucketize(x.contiguous(), thresholds[0].contiguous(), right=True)
     features = thresholds.shape[0]
     flat = x.reshape(-1, features).transpose(0, 1).contiguous()  # [F, N]
     counts = torch.searchsorted(thresholds.contiguous(), flat, right=True)
