@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,3 +140,23 @@ def test_killed_distributed_run_resumes_to_the_same_result(runs):
     for a, b in zip(_states(double, 2), _states(killed, 2), strict=True):
         for name in a:
             assert torch.allclose(a[name].double(), b[name].double(), rtol=1e-6, atol=1e-9), name
+
+
+SHAPLEY_WORKER = Path(__file__).with_name("shapley_worker.py")
+
+
+def test_shapley_permutations_are_split_over_ranks(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    subprocess.run([sys.executable, str(SHAPLEY_WORKER), str(one)], env=env, check=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(SHAPLEY_WORKER), str(two)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    alone = np.load(one / "shapley_rank0.npz")
+    for rank in (0, 1):
+        split = np.load(two / f"shapley_rank{rank}.npz")
+        np.testing.assert_array_equal(split["marginals"], alone["marginals"])  # same estimate, every rank
+        np.testing.assert_array_equal(split["counts"], alone["counts"])
+        np.testing.assert_array_equal(split["draw"], alone["draw"])  # random streams stayed in step

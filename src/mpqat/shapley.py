@@ -206,6 +206,7 @@ def permutation_shapley(
     resample: Callable[[int], None] | None = None,
     permutations: Sequence[np.ndarray] | None = None,
     antithetic: bool = False,
+    split_ranks: bool = True,
 ) -> ShapleyEstimate:
     """Monte Carlo permutation Shapley estimate (Castro et al. 2009), removal order, optional truncation.
 
@@ -226,6 +227,11 @@ def permutation_shapley(
     * ``antithetic``: every second permutation is the reverse of the one before (a classic variance
       reduction for permutation sampling; each permutation is still uniformly distributed, so the
       estimate stays unbiased).
+    * ``split_ranks``: under ``torchrun`` (an initialised process group), rank ``r`` evaluates the
+      permutations ``m`` with ``m % world_size == r`` and the marginals and counts are summed over
+      the ranks, so every rank returns the same estimate as one process would. Every rank still
+      draws every permutation and calls ``resample(m)`` for every ``m``, which keeps random streams
+      identical across ranks.
 
     Example:
         >>> unanimity = lambda m: float(m.all())
@@ -252,6 +258,7 @@ def permutation_shapley(
     sequential, truncated = 0, 0
     ends_masks = np.stack([np.ones(n_players, bool), np.zeros(n_players, bool)])
     cached: tuple[float, float] | None = None
+    rank, world = _rank_and_world() if split_ranks else (0, 1)
     for m in range(samples):
         if permutations is not None:
             order = np.asarray(permutations[m])
@@ -263,9 +270,12 @@ def permutation_shapley(
             raise ValueError(f"permutation {m} is not a permutation of range({n_players})")
         if resample is not None:
             resample(m)
+        if m % world != rank:
+            continue  # another rank evaluates this permutation
         if cached is None or resample is not None:
             ends = evaluate(ends_masks)
-            sequential += 2
+            # a fixed game's two end values are evaluated once per rank but counted once overall
+            sequential += 2 if (resample is not None or rank == 0) else 0
             cached = (float(ends[0]), float(ends[1]))
         v_full, v_empty = cached
         threshold = -math.inf
@@ -292,7 +302,30 @@ def permutation_shapley(
             pos += len(block)
         if not stop:
             marginals[m, order[-1]] = previous - v_empty
-    return ShapleyEstimate(marginals, sequential, evaluate.count, truncated, time.perf_counter() - t0)
+    computed = evaluate.count
+    if world > 1:
+        marginals, (sequential, computed, truncated) = _sum_over_ranks(marginals, (sequential, computed, truncated))
+    return ShapleyEstimate(marginals, sequential, computed, truncated, time.perf_counter() - t0)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of an initialised torch.distributed process group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_ranks(marginals: np.ndarray, counts: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Sum the per-rank marginals (each rank filled only its own permutations) and counts."""
+    import torch
+
+    from mpqat.distributed import all_reduce_
+
+    total = all_reduce_(torch.from_numpy(np.ascontiguousarray(marginals, dtype=np.float64)).clone(), "sum")
+    summed = all_reduce_(torch.tensor(counts, dtype=torch.float64), "sum")
+    return total.numpy(), tuple(int(round(float(c))) for c in summed)
 
 
 def robust_normalise(marginals: np.ndarray | ShapleyEstimate, groups: Sequence[int] | np.ndarray | None = None,
