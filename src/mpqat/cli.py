@@ -167,7 +167,9 @@ def train(dataset, target, method, config, w_bits, a_bits, sets, bitops_budget, 
                       seed=seed, progress=not quiet, pretrain_epochs=pretrain_epochs)
     metrics = train_run(dataset, recipe, out, model=model, hidden=hidden_list, config=cfg, target=target,
                         force=force, resume=resume, max_rows=max_rows)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+    from mpqat.distributed import is_main_process
+
+    if is_main_process():  # under torchrun, rank 0 speaks for all
         click.echo(_summary_line(metrics))
         click.echo(f"saved run to {out}")
 

@@ -50,7 +50,7 @@ import inspect
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,26 +113,37 @@ def context() -> DistContext:
                        local_rank=_env_int("LOCAL_RANK", 0), backend=dist.get_backend())
 
 
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, or ``(0, 1)`` in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_main_process() -> bool:
     """True unless this is a non-zero rank of an initialised process group."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank_and_world()[0] == 0
+
+
+def _multi_process() -> bool:
+    return rank_and_world()[1] > 1
 
 
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
+    if _multi_process():
         dist.barrier()
 
 
 def all_reduce_(tensor: torch.Tensor, rule: str = "sum") -> torch.Tensor:
     """Reduce ``tensor`` in place over all ranks by ``rule`` (no-op in a single process); returns it.
 
-    Quantizers call this on statistics that must describe the global batch, e.g. the per-codeword
-    counts and sums of an EMA codebook before the EMA update.
+    Quantizers call this on statistics of their input batch that must describe the global batch
+    (counts, sums), before using them.
     """
     if rule not in RULES:
         raise ConfigError(f"unknown reduction rule {rule!r}; choose one of {', '.join(RULES)}")
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _multi_process():
         return tensor
     if rule == "broadcast":
         dist.broadcast(tensor, src=0)
@@ -185,7 +196,7 @@ def rule_for(name: str) -> str:
 @torch.no_grad()
 def sync_buffers(model: nn.Module) -> None:
     """Apply the declared rule to every buffer of ``model`` (no-op in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _multi_process():
         return
     for name, buf in model.named_buffers():
         rule = rule_for(name)
@@ -206,7 +217,7 @@ def check_in_sync(model: nn.Module, tolerance: float = 0.0) -> float:
 
     Raises :class:`ConfigError` when it exceeds ``tolerance``.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _multi_process():
         return 0.0
     local = state_digest(model)
     ref = local.clone()
@@ -225,12 +236,6 @@ def check_in_sync(model: nn.Module, tolerance: float = 0.0) -> float:
 def shard_indices(indices: Sequence[int] | torch.Tensor, rank: int, world_size: int) -> Any:
     """Rows ``rank, rank + world_size, ...`` of ``indices`` (the global batch) for this rank."""
     return indices[rank::world_size]
-
-
-def global_batches(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """The global batches of one epoch, in order (the last one may be smaller)."""
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
 
 
 def has_uninitialised_quantizers(model: nn.Module) -> bool:

@@ -41,6 +41,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from mpqat.distributed import all_reduce_, rank_and_world
 
 ValueFn = Callable[[np.ndarray], float]
 BatchEval = Callable[[np.ndarray], np.ndarray]
@@ -258,7 +261,7 @@ def permutation_shapley(
     sequential, truncated = 0, 0
     ends_masks = np.stack([np.ones(n_players, bool), np.zeros(n_players, bool)])
     cached: tuple[float, float] | None = None
-    rank, world = _rank_and_world() if split_ranks else (0, 1)
+    rank, world = rank_and_world() if split_ranks else (0, 1)
     for m in range(samples):
         if permutations is not None:
             order = np.asarray(permutations[m])
@@ -308,21 +311,8 @@ def permutation_shapley(
     return ShapleyEstimate(marginals, sequential, computed, truncated, time.perf_counter() - t0)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of an initialised torch.distributed process group, else ``(0, 1)``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _sum_over_ranks(marginals: np.ndarray, counts: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
     """Sum the per-rank marginals (each rank filled only its own permutations) and counts."""
-    import torch
-
-    from mpqat.distributed import all_reduce_
-
     total = all_reduce_(torch.from_numpy(np.ascontiguousarray(marginals, dtype=np.float64)).clone(), "sum")
     summed = all_reduce_(torch.tensor(counts, dtype=torch.float64), "sum")
     return total.numpy(), tuple(int(round(float(c))) for c in summed)
