@@ -106,3 +106,16 @@ def test_corrupt_checkpoint(trained_run, tmp_path):
 
 def test_eval_on_a_missing_run(tmp_path):
     assert_user_error(mpqat("eval", str(tmp_path / "nothing")), "not an mpqat run")
+
+
+def test_train_with_pretraining_and_a_cosine_schedule(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    result = mpqat("train", "--dataset", "breast-cancer", "--method", "uniform", "--epochs", "2", "--pretrain-epochs", "2",
+                   "--pretrain-lr", "0.005", "--lr-schedule", "cosine", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    train = json.loads((out / "run.json").read_text())["train"]
+    assert train["pretrain_lr"] == 0.005 and train["lr_schedule"] == "cosine"
+    assert_user_error(mpqat("train", "--dataset", "breast-cancer", "--lr-schedule", "step", "--out", str(tmp_path / "x")),
+                      "step")

@@ -94,3 +94,58 @@ def test_nan_features_are_refused(breast_cancer):
     X[0, 0] = float("nan")
     with pytest.raises(ConfigError, match="NaN"):
         fit(MLP(X.shape[1], 2), (X, breast_cancer.y_train), (breast_cancer.X_valid, breast_cancer.y_valid), _cfg())
+
+
+def test_cosine_schedule_decays_the_lr_of_every_group_per_step(breast_cancer, monkeypatch):
+    import math
+
+    import mpqat.train as train_module
+    from mpqat.models import MLP
+
+    made = []
+    real = train_module._make_optimizer
+    monkeypatch.setattr(train_module, "_make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
+    config = _cfg(epochs=3, lr=4e-3, lr_schedule="cosine")
+    fit(MLP(breast_cancer.X_train.shape[1], 2), (breast_cancer.X_train, breast_cancer.y_train),
+        (breast_cancer.X_valid, breast_cancer.y_valid), config)
+    steps = math.ceil(len(breast_cancer.y_train) / config.batch_size)
+    last = train_module.lr_factor("cosine", 3 * steps - 1, 3 * steps)
+    assert 0 < last < 0.01
+    assert made[0].param_groups[0]["lr"] == pytest.approx(4e-3 * last)
+
+
+@pytest.mark.parametrize("bad", [{"lr_schedule": "step"}, {"pretrain_lr": 0.0}, {"pretrain_lr": float("nan")}])
+def test_bad_schedule_settings_are_refused(bad):
+    with pytest.raises(ConfigError, match="lr"):
+        TrainConfig(**bad)
+
+
+def test_default_schedule_settings_keep_old_run_fingerprints():
+    from mpqat.train import config_dict
+
+    assert set(config_dict(TrainConfig())) == {"epochs", "batch_size", "lr", "optimizer", "weight_decay", "patience", "seed"}
+    assert config_dict(TrainConfig(lr_schedule="cosine", pretrain_lr=0.01))["lr_schedule"] == "cosine"
+
+
+def test_resume_with_a_cosine_schedule_gives_the_same_result(tmp_path, monkeypatch):
+    import mpqat.runs as runs_module
+
+    config = _cfg(lr_schedule="cosine", lr=3e-3)
+    full = train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), tmp_path / "full", config=config)
+    original_fit = runs_module.fit
+
+    def fit_then_die(*args, **kwargs):
+        def die(state):
+            if state["epoch"] == 3:
+                raise Killed
+        return original_fit(*args, on_checkpoint=die, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runs_module, "fit", fit_then_die)
+        with pytest.raises(Killed):
+            train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), tmp_path / "cut", config=config)
+    resumed = train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), tmp_path / "cut", config=config, resume=True)
+    history_full = json.loads((tmp_path / "full" / "history.json").read_text())
+    history_cut = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [h["valid_loss"] for h in history_cut] == [h["valid_loss"] for h in history_full]
+    assert resumed["test_accuracy"] == full["test_accuracy"]

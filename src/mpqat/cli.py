@@ -105,8 +105,12 @@ def data_fetch(name: str, force: bool, archive: str | None) -> None:
 @click.option("--pretrain-epochs", type=int, default=0, show_default=True,
               help="Train the FLOAT model (with BatchNorm) this many epochs first, then quantize (folding BN) "
                    "and run QAT for --epochs.")
+@click.option("--pretrain-lr", type=float, default=None,
+              help="Learning rate of the float pretraining (default: --lr, which is then the QAT phase's).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="cosine: the lr decays per step to 0 over the epochs of each phase.")
 @click.option("--optimizer", default="adam", show_default=True)
 @click.option("--patience", type=int, default=10, show_default=True, help="Early-stopping patience (epochs).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -121,7 +125,7 @@ def data_fetch(name: str, force: bool, archive: str | None) -> None:
               help="Train data-parallel on N local processes (launches torchrun; --batch-size is the global batch).")
 def train(dataset, target, method, config, w_bits, a_bits, sets, bitops_budget, model, hidden, epochs, batch_size,
           lr, optimizer, patience, seed, max_rows, out, force, resume, quiet, nproc, pretrain_epochs,
-          avg_bits=None, weights_only=False) -> None:
+          avg_bits=None, weights_only=False, pretrain_lr=None, lr_schedule="constant") -> None:
     """Train a (quantized) model and write DIR/metrics.json, DIR/checkpoint.pt and DIR/recipe.yaml.
 
     Under ``torchrun --nproc-per-node N -m mpqat train ...`` (or with ``--nproc N``) it trains with
@@ -164,7 +168,8 @@ def train(dataset, target, method, config, w_bits, a_bits, sets, bitops_budget, 
     recipe = _build_recipe(method, config, overrides)
     hidden_list = _parse_hidden(hidden)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, patience=patience,
-                      seed=seed, progress=not quiet, pretrain_epochs=pretrain_epochs)
+                      seed=seed, progress=not quiet, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
+                      lr_schedule=lr_schedule)
     metrics = train_run(dataset, recipe, out, model=model, hidden=hidden_list, config=cfg, target=target,
                         force=force, resume=resume, max_rows=max_rows)
     from mpqat.distributed import is_main_process

@@ -24,10 +24,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,14 +101,78 @@ def build_quantized(spec: dict[str, Any], recipe: Recipe) -> nn.Module:
     return quantize(build_model(spec), recipe, inplace=True)
 
 
+def _pretrain_info(info: dict[str, Any], pre_config: TrainConfig) -> dict[str, Any]:
+    """What defines the pretrained float model: data, split, model and the pretraining settings (no recipe)."""
+    keep = ("dataset", "target", "seed", "max_rows", "model_spec")
+    return {**{k: info[k] for k in keep}, "pretrain": config_dict(pre_config)}
+
+
+def pretrain_cache_path(cache_dir: str | Path, info: dict[str, Any], pre_config: TrainConfig) -> Path:
+    """The file in ``cache_dir`` that holds the float model pretrained under ``info`` and ``pre_config``."""
+    spec = info["model_spec"]
+    name = f"{info['dataset']}-{spec.get('name', 'model')}-seed{info['seed']}-{fingerprint(_pretrain_info(info, pre_config))[:16]}.pt"
+    return Path(cache_dir) / name
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (POSIX); elsewhere a no-op. Two benchmark workers that need
+    the same pretrained model wait for one another instead of both training it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_cached_pretrain(path: Path, fp: str, net: nn.Module) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:  # a corrupt cache entry is retrained (and replaced), never trusted
+        return None
+    if state.get("fingerprint") != fp or not state.get("finished"):
+        return None
+    net.load_state_dict(state["model"])
+    return {**state["summary"], "pretrain_cached": True}
+
+
 def pretrain_float(net: nn.Module, splits: Any, config: TrainConfig, out: Path, resume: bool,
-                   run_fingerprint: str) -> dict[str, Any]:
+                   info: dict[str, Any], cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Train the float ``net`` in place for ``config.pretrain_epochs`` (see the module docstring).
 
-    Returns ``{"pretrain_epochs", "pretrain_best_epoch", "pretrain_valid_accuracy", "pretrain_seconds"}``.
+    ``cache_dir``: share the pretrained model between runs that differ only in their recipe (the
+    benchmark harness uses ``OUT/pretrain-cache``): a finished pretraining with the same data, seed,
+    model and pretraining settings is loaded from there instead of trained again.
+
+    Returns ``{"pretrain_epochs", "pretrain_best_epoch", "pretrain_valid_accuracy", "pretrain_seconds"}``
+    (plus ``"pretrain_cached": True`` when it came from the cache).
     """
-    path = out / PRETRAIN_FILE
-    fp = f"{run_fingerprint}:pretrain"
+    pre_config = dataclasses.replace(config, epochs=config.pretrain_epochs, pretrain_epochs=0,
+                                     lr=config.pretrain_lr or config.lr, pretrain_lr=None)
+    fp = fingerprint(_pretrain_info(info, pre_config)) + ":pretrain"
+    cached = pretrain_cache_path(cache_dir, info, pre_config) if cache_dir is not None else None
+    lock = _file_lock(cached.with_suffix(".lock")) if cached is not None else contextlib.nullcontext()
+    with lock:
+        if cached is not None and (summary := _load_cached_pretrain(cached, fp, net)) is not None:
+            return summary
+        summary = _pretrain_here(net, splits, pre_config, out / PRETRAIN_FILE, resume, fp)
+        if cached is not None and distributed.context().is_main:
+            shutil.copyfile(out / PRETRAIN_FILE, cached.with_suffix(".tmp"))
+            os.replace(cached.with_suffix(".tmp"), cached)
+    return summary
+
+
+def _pretrain_here(net: nn.Module, splits: Any, pre_config: TrainConfig, path: Path, resume: bool,
+                   fp: str) -> dict[str, Any]:
     if resume and path.exists():
         state = load_checkpoint(path)
         if state.get("fingerprint") != fp:
@@ -114,7 +182,6 @@ def pretrain_float(net: nn.Module, splits: Any, config: TrainConfig, out: Path, 
         if state.get("finished"):
             net.load_state_dict(state["model"])
             return dict(state["summary"])
-    pre_config = dataclasses.replace(config, epochs=config.pretrain_epochs, pretrain_epochs=0)
     result = fit(net, (splits.X_train, splits.y_train), (splits.X_valid, splits.y_valid), pre_config, MethodHooks(),
                  checkpoint_path=path, resume=resume, fingerprint=fp)
     summary = {"pretrain_epochs": result.epochs_run, "pretrain_best_epoch": result.best_epoch,
@@ -137,8 +204,13 @@ def train_run(
     force: bool = False,
     resume: bool = False,
     max_rows: int | None = None,
+    pretrain_cache: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train ``recipe`` on ``dataset`` into the run directory ``out``; returns ``metrics.json``'s content."""
+    """Train ``recipe`` on ``dataset`` into the run directory ``out``; returns ``metrics.json``'s content.
+
+    ``pretrain_cache``: a directory where the float pretraining (``config.pretrain_epochs``) is shared
+    between runs of different recipes (see :func:`pretrain_float`).
+    """
     out = Path(out)
     config = config or TrainConfig()
     ctx = distributed.context()  # under torchrun: only rank 0 writes files
@@ -160,7 +232,9 @@ def train_run(
     pretrain: dict[str, Any] = {}
     if config.pretrain_epochs > 0:
         float_net = build_model(spec)
-        pretrain = pretrain_float(float_net, splits, config, out, resume, fingerprint(info))
+        pretrain = pretrain_float(float_net, splits, config, out, resume, info, pretrain_cache)
+        # the same random state after a cached or a fresh pretraining, so both give the same run
+        torch.manual_seed(config.seed + 1)
         net = quantize(float_net, recipe, inplace=True)
     else:
         net = build_quantized(spec, recipe)

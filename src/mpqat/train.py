@@ -35,6 +35,19 @@ from mpqat.errors import CheckpointError, ConfigError
 from mpqat.methods.base import MethodHooks
 
 ArrayPair = tuple[np.ndarray, np.ndarray]
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate at global ``step`` of ``total_steps``.
+
+    Example:
+        >>> lr_factor("cosine", 0, 100), lr_factor("cosine", 50, 100), lr_factor("constant", 99, 100)
+        (1.0, 0.5, 1.0)
+    """
+    if schedule == "constant" or total_steps <= 0:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 @dataclass
@@ -52,6 +65,12 @@ class TrainConfig:
     #: epochs of FLOAT training (with BatchNorm) before the model is quantized (BN folded) and trained
     #: with QAT for ``epochs`` epochs; see :func:`mpqat.runs.train_run`. 0: start from random weights.
     pretrain_epochs: int = 0
+    #: learning rate of the float pretraining phase (None: ``lr``); QAT usually wants a lower lr
+    #: than training from scratch, so ``lr`` is the QAT phase's.
+    pretrain_lr: float | None = None
+    #: ``"constant"``, or ``"cosine"``: the lr of every parameter group decays per step as
+    #: ``0.5 * (1 + cos(pi * t / T))`` over the ``epochs`` of the phase (pretraining has its own).
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.patience < 1:
@@ -60,6 +79,10 @@ class TrainConfig:
             raise ConfigError(f"pretrain_epochs must be an integer >= 0, got {self.pretrain_epochs!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.pretrain_lr is not None and not (self.pretrain_lr > 0 and math.isfinite(self.pretrain_lr)):
+            raise ConfigError(f"pretrain_lr must be a positive number, got {self.pretrain_lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule '{self.lr_schedule}': choose {' or '.join(LR_SCHEDULES)}")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ConfigError(f"unknown optimizer '{self.optimizer}': choose adam, adamw or sgd")
 
@@ -138,6 +161,7 @@ def fit(
     _check_finite(X_train, "training features")
     hooks.on_fit_start(model, train, valid)
     optimizer = _make_optimizer(hooks.param_groups(model, config.lr, config.weight_decay), config)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resumed state overwrites them
     result = FitResult()
     best_state = _cpu_state(model)
     best_score, bad_epochs, start_epoch, elapsed = -math.inf, 0, 0, 0.0
@@ -161,6 +185,7 @@ def fit(
             start_epoch = config.epochs  # early stopping had already ended this run
 
     n = len(X_train)
+    steps_per_epoch = -(-n // config.batch_size)
     X_t, y_t = torch.from_numpy(X_train), torch.from_numpy(y_train)
     if ctx.active:
         torch.manual_seed(config.seed + 1000 * ctx.rank)  # dropout masks differ per rank (see mpqat.distributed)
@@ -192,6 +217,10 @@ def fit(
             else:
                 logits = model(X_t[idx])
                 task = F.cross_entropy(logits, y_t[idx])
+            if config.lr_schedule != "constant":
+                factor = lr_factor(config.lr_schedule, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
             loss = task + hooks.extra_loss(model, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -248,7 +277,8 @@ def _check_finite(X: np.ndarray, what: str) -> None:
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:
-    """The settings that define a run (progress display excluded; ``pretrain_epochs`` only when used,
-    so that runs without pretraining keep their fingerprints)."""
+    """The settings that define a run (progress display excluded; ``pretrain_epochs``, ``pretrain_lr``
+    and ``lr_schedule`` only when not at their defaults, so that older runs keep their fingerprints)."""
+    defaults = {"pretrain_epochs": 0, "pretrain_lr": None, "lr_schedule": "constant"}
     return {k: v for k, v in asdict(config).items()
-            if k != "progress" and not (k == "pretrain_epochs" and v == 0)}
+            if k != "progress" and not (k in defaults and v == defaults[k])}

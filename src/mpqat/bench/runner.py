@@ -15,7 +15,9 @@ A run is complete when its ``metrics.json`` holds the harness's ``bench`` block 
 complete runs are never dispatched again, so an interrupted sweep resumes where it stopped (a
 half-trained run continues from its checkpoint). A complete run whose settings (recipe, peer
 options, training settings, data, model, seed) differ from the suite's now is *stale* and is
-trained again from scratch; labels, groups and notes may change freely.
+trained again from scratch; labels, groups and notes may change freely. Runs with float pretraining
+(``pretrain_epochs``) share it through ``OUT/pretrain-cache/``: the first run of a (dataset, model,
+seed) trains the float model, the others quantize a copy of it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from typing import Any
 from mpqat.errors import ConfigError, MpqatError
 
 BACKENDS = ("local", "ray", "inline")
+#: under the suite's output directory: float pretrainings shared by runs that differ only in their
+#: recipe (same data, seed, model, pretraining settings; see mpqat.runs.pretrain_float)
+PRETRAIN_CACHE = "pretrain-cache"
 
 Outcome = dict[str, Any]
 
@@ -135,7 +140,9 @@ def _train_config(task: dict[str, Any]):
     return TrainConfig(epochs=int(t["epochs"]), batch_size=int(t["batch_size"]), lr=float(t["lr"]),
                        optimizer=str(t.get("optimizer", "adam")), weight_decay=float(t.get("weight_decay", 0.0)),
                        patience=int(t["patience"]), seed=int(task["seed"]), progress=False,
-                       pretrain_epochs=int(t.get("pretrain_epochs", 0)))
+                       pretrain_epochs=int(t.get("pretrain_epochs", 0)),
+                       pretrain_lr=float(t["pretrain_lr"]) if t.get("pretrain_lr") is not None else None,
+                       lr_schedule=str(t.get("lr_schedule", "constant")))
 
 
 def _timing_kwargs(task: dict[str, Any]) -> dict[str, Any] | None:
@@ -157,7 +164,9 @@ def _train_recipe(task: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"method '{task['method']}' is not registered in this worker's mpqat")
     recipe = recipe_from_dict(task["recipe"])
     kwargs = {"model": task["model"], "hidden": task["hidden"], "config": _train_config(task),
-              "target": task["target"], "max_rows": task["train"].get("max_rows")}
+              "target": task["target"], "max_rows": task["train"].get("max_rows"),
+              # runs of one suite that differ only in their recipe share the float pretraining
+              "pretrain_cache": Path(task["root"]) / PRETRAIN_CACHE if task.get("root") else None}
     metrics_path, ckpt = run_dir / "metrics.json", run_dir / "checkpoint.pt"
     metrics = None
     if task.get("restart"):  # trained before under other settings: start over

@@ -66,9 +66,11 @@ from mpqat.errors import ConfigError, MpqatError
 SUITES_DIR = Path(__file__).with_name("suites")
 
 #: Training settings a suite may set (TrainConfig fields, plus max_rows for the data).
-#: ``pretrain_epochs`` (float pretraining before QAT, see mpqat.runs) is not in DEFAULT_TRAIN, so
-#: suites that do not set it keep their run identities (no stale reruns).
-TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "patience", "max_rows", "pretrain_epochs")
+#: ``pretrain_epochs``, ``pretrain_lr`` (float pretraining before QAT, see mpqat.runs) and
+#: ``lr_schedule`` are not in DEFAULT_TRAIN, so suites that do not set them keep their run identities
+#: (no stale reruns).
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "patience", "max_rows", "pretrain_epochs",
+              "pretrain_lr", "lr_schedule")
 DEFAULT_TRAIN: dict[str, Any] = {"epochs": 30, "batch_size": 256, "lr": 1e-3, "optimizer": "adam",
                                  "weight_decay": 0.0, "patience": 10, "max_rows": None}
 DEFAULT_TIMING: dict[str, Any] = {"repeats": 50, "warmup": 5, "threads": None}

@@ -142,26 +142,44 @@ class ThresholdActQuantizer(nn.Module):
         """Unsigned codes ``#{T_k <= x}`` (float-valued, no gradient), compared in float64."""
         return _count_at_most(x.detach().double(), self.thresholds()).to(x.dtype)
 
-    def compander(self, x: torch.Tensor) -> torch.Tensor:
-        """The piecewise-linear ``f(x)`` whose gradient is the G-STE (same shape as ``x``)."""
-        e, a = self._edges(x.dtype)
-        xs = x / self.unit.to(x.dtype)
-        starts = _count_at_most(xs.detach(), e.detach())
+    def _bins(self, xs: torch.Tensor, e: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(#{e_k <= xs}, #{e_k + a_k/2 <= xs})`` from ONE search over the interleaved edges.
+
+        ``e_0 <= m_0 <= e_1 <= m_1 ...`` (``m_k = e_k + a_k/2``, ``a_k > 0``), so with ``c`` merged edges
+        at most ``xs`` there are ``ceil(c/2)`` starts and ``floor(c/2)`` mid-points below it. Falls back
+        to two searches if rounding ever broke the interleaving.
+        """
+        e, mid = e.detach(), (e + a / 2).detach()
+        merged = torch.stack((e, mid), dim=2).reshape(e.shape[0], -1)
+        if bool((merged[:, 1:] >= merged[:, :-1]).all()):
+            count = _count_at_most(xs.detach(), merged)
+            return (count + 1) >> 1, count >> 1  # shifts: integer floor division is slow on CPU
+        return _count_at_most(xs.detach(), e), _count_at_most(xs.detach(), mid)  # pragma: no cover
+
+    def _companded(self, xs: torch.Tensor, e: torch.Tensor, a: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         k = (starts.clamp(1, self.levels) - 1)  # 0-based bin
         if e.shape[0] == 1:
             e_k, a_k = e[0][k], a[0][k]
         else:
             feature = torch.arange(self.features).expand_as(k)
             e_k, a_k = e[feature, k], a[feature, k]
-        return k.to(x.dtype) + torch.clamp((xs - e_k) / a_k, 0.0, 1.0)
+        return k.to(xs.dtype) + torch.clamp((xs - e_k) / a_k, 0.0, 1.0)
+
+    def compander(self, x: torch.Tensor) -> torch.Tensor:
+        """The piecewise-linear ``f(x)`` whose gradient is the G-STE (same shape as ``x``)."""
+        e, a = self._edges(x.dtype)
+        xs = x / self.unit.to(x.dtype)
+        starts, _ = self._bins(xs, e, a)
+        return self._companded(xs, e, a, starts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not bool(self.initialized):
             self.initialize(x)
-        f = self.compander(x)
         e, a = self._edges(x.dtype)
-        hard = _count_at_most((x / self.unit.to(x.dtype)).detach(), (e + a / 2).detach()).to(x.dtype)
-        codes = f + (hard - f).detach()
+        xs = x / self.unit.to(x.dtype)
+        starts, hard = self._bins(xs, e, a)
+        f = self._companded(xs, e, a, starts)
+        codes = f + (hard.to(x.dtype) - f).detach()
         return codes * self.step().to(x.dtype)
 
     def extra_repr(self) -> str:
