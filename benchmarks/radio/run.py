@@ -107,33 +107,68 @@ def _mean_high(entry: dict[str, Any], low: float = 10.0) -> float:
     return sum(values) / len(values)
 
 
+def _mean_std(values: list[float]) -> str:
+    import statistics
+
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def _by_label(runs: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The finished seeds of every (tier, label)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for key in sorted(runs):
+        r = runs[key]
+        groups.setdefault((r["dataset"], r["label"]), []).append(r)
+    return groups
+
+
+def _seed_mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One entry with the per-SNR accuracy and the overall accuracy averaged over the seeds."""
+    snrs = list(rows[0]["by_snr"])
+    return {**rows[0],
+            "by_snr": {s: sum(r["by_snr"][s] for r in rows) / len(rows) for s in snrs},
+            "count": {s: sum(r["count"][s] for r in rows) for s in snrs},
+            "overall": sum(r["overall"] for r in rows) / len(rows)}
+
+
 def _write_markdown(runs: dict[str, Any], out: Path) -> None:
+    groups = _by_label(runs)
+    seeds = sorted({len(rows) for rows in groups.values()})
     lines = [
         "# Radio modulation classification: accuracy per SNR",
         "",
-        "Written by `python benchmarks/radio/run.py` from the runs of `suite.yaml` (1 seed). Test",
-        "accuracy (%) of each run at each SNR (dB per sample; 8 classes, chance 12.5%), the mean",
-        "over SNR >= 10 dB, average weight / activation bits, BitOps and model bytes (from the",
-        "harness' `metrics.json`). Curves: `plots/<tier>-acc-vs-snr.png`; all numbers: `snr.json`.",
+        f"Written by `python benchmarks/radio/run.py` from the runs of `suite.yaml` ({'/'.join(map(str, seeds))} "
+        "seeds per row). Test",
+        "accuracy (%) at each SNR (dB per sample; 8 classes, chance 12.5%) averaged over the seeds, the",
+        "overall accuracy and the mean over SNR >= 10 dB as mean ± std over the seeds, average weight /",
+        "activation bits, BitOps and model bytes of seed 0 (from the harness' `metrics.json`).",
+        "Curves (seed means): `plots/<tier>-acc-vs-snr.png`; every seed's numbers: `snr.json`.",
         "",
     ]
     for dataset, tier in TIERS.items():
-        rows = [r for r in runs.values() if r["dataset"] == dataset]
-        if not rows:
+        labels = [(label, rows) for (d, label), rows in groups.items() if d == dataset]
+        if not labels:
             continue
-        n_test, per = rows[0]["n_test"], sorted(set(rows[0]["count"].values()))
+        first = labels[0][1][0]
+        n_test, per = first["n_test"], sorted(set(first["count"].values()))
         per_snr = f"{per[0]}" if len(per) == 1 else f"{per[0]}-{per[-1]}"
         lines += [f"## {dataset} ({tier}; {n_test} test frames, {per_snr} per SNR)", ""]
-        head = ["Run", "Acc.", *[f"{s} dB" for s in SNR_COLUMNS], ">=10 dB", "W bits", "A bits", "BitOps",
+        head = ["Run", "Seeds", "Acc.", *[f"{s} dB" for s in SNR_COLUMNS], ">=10 dB", "W bits", "A bits", "BitOps",
                 "BitOps / FP32", "Bytes", "Train (s)"]
         lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-        for r in sorted(rows, key=lambda r: (r["model"], r["label"] != f"{r['model']}-fp32", r["label"])):
-            by = r["by_snr"]
+        order = sorted(labels, key=lambda item: (item[1][0]["model"],
+                                                  item[0] != f"{item[1][0]['model']}-fp32", item[0]))
+        for label, rows in order:
+            mean, r = _seed_mean(rows), rows[0]
+            by = mean["by_snr"]
             cells = [f"{100 * by[f'{s:g}']:.1f}" if f"{s:g}" in by else "" for s in SNR_COLUMNS]
             lines.append("| " + " | ".join([
-                r["label"], f"{100 * r['test_accuracy']:.2f}", *cells, f"{100 * _mean_high(r):.1f}",
+                label, str(len(rows)), _mean_std([x["test_accuracy"] for x in rows]), *cells,
+                _mean_std([_mean_high(x) for x in rows]),
                 f"{r['avg_weight_bits']:.2f}", f"{r['avg_act_bits']:.2f}", f"{r['bitops']:.3g}",
-                f"{r['bitops'] / r['fp32_bitops']:.2%}", f"{r['size_bytes']:,.0f}", f"{r['train_seconds']:.1f}",
+                f"{r['bitops'] / r['fp32_bitops']:.2%}", f"{r['size_bytes']:,.0f}",
+                f"{sum(x['train_seconds'] for x in rows) / len(rows):.1f}",
             ]) + " |")
         lines.append("")
     (out / "snr.md").write_text("\n".join(lines))
@@ -142,15 +177,18 @@ def _write_markdown(runs: dict[str, Any], out: Path) -> None:
 def _write_plots(runs: dict[str, Any], cls: Any, out: Path) -> None:
     from mpqat.radio_eval import plot_accuracy_vs_snr
 
+    groups = _by_label(runs)
     for dataset, tier in TIERS.items():
         panels: dict[str, dict[str, Any]] = {}
-        for r in sorted(runs.values(), key=lambda r: (r["label"] != f"{r['model']}-fp32", r["label"])):
-            if r["dataset"] == dataset:
-                name = r["label"][len(r["model"]) + 1:] if r["label"].startswith(r["model"] + "-") else r["label"]
-                panels.setdefault(r["model"], {})[name] = _curve(r, cls)
+        for (d, label), rows in sorted(groups.items(), key=lambda item: (item[0][1] != f"{item[1][0]['model']}-fp32",
+                                                                           item[0][1])):
+            if d == dataset:
+                model = rows[0]["model"]
+                name = label[len(model) + 1:] if label.startswith(model + "-") else label
+                panels.setdefault(model, {})[name] = _curve(_seed_mean(rows), cls)
         if panels:
             plot_accuracy_vs_snr(panels, out / "plots" / f"{dataset}-acc-vs-snr.png",
-                                 title=f"{dataset} ({tier})", chance=1 / 8)
+                                 title=f"{dataset} ({tier}), mean of the seeds", chance=1 / 8)
 
 
 def main() -> None:
