@@ -22,7 +22,7 @@ from mpqat.methods.smpq import (
     search_layers,
     search_space,
 )
-from mpqat.methods.supernet import CoalitionValue, SearchSpace, build_supernet, select_bits
+from mpqat.methods.supernet import CoalitionValue, build_supernet, select_bits
 from mpqat.quantize import quantize
 from mpqat.recipes import recipe_from_dict
 from mpqat.shapley import exact_shapley, permutation_shapley, relative_l2

@@ -13,7 +13,7 @@ from mpqat.cost import model_cost
 from mpqat.errors import ConfigError
 from mpqat.methods.hawq import float_mode
 from mpqat.methods.nmp import NeuronBits
-from mpqat.nn import QuantConv1d, QuantConv2d
+from mpqat.nn import QuantConv2d
 from mpqat.nn.conv import conv_output_size, record_input_sizes
 from mpqat.quant import LSQWeightQuantizer, Pow2ActQuantizer
 from mpqat.quant.functional import round_half_up

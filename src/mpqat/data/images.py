@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 from collections.abc import Callable
 from pathlib import Path

@@ -56,7 +56,7 @@ from torch.nn import functional as F
 from mpqat.cost import model_cost
 from mpqat.errors import ConfigError
 from mpqat.methods.allocation import solve_allocation
-from mpqat.methods.base import MethodHooks, is_quantizer_param, register_hooks
+from mpqat.methods.base import AnalyseThenTrainHooks, is_quantizer_param, register_hooks
 from mpqat.methods.hawq import _positive, float_mode, measure_sensitivity, train_float
 from mpqat.nn.linear import QuantLinear
 from mpqat.quant.codebook import INIT_MODES, LEVEL_MODES, CodebookWeightQuantizer, check_codebook_bits, codebook_fake_quant
@@ -428,15 +428,13 @@ def adq_summary(model: nn.Module, recipe: ADQ) -> dict[str, Any]:
 
 
 @register_hooks(ADQ)
-class ADQHooks(MethodHooks):
+class ADQHooks(AnalyseThenTrainHooks):
     """Prepare at the start of epoch 0 (fresh runs), EMA after every step, freeze late, optional KD."""
 
     recipe: ADQ
 
     def __init__(self, recipe: ADQ | None = None) -> None:
         super().__init__(recipe)
-        self.train: ArrayPair | None = None
-        self.valid: ArrayPair | None = None
         self.plan: Plan | None = None
         self._captured: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handle: Any = None
@@ -464,7 +462,7 @@ class ADQHooks(MethodHooks):
     def on_fit_start(self, model: nn.Module, train: ArrayPair, valid: ArrayPair) -> None:
         """Keep the data for the analysis; with KD, capture each training batch's input and logits."""
         _check_model(model)
-        self.train, self.valid = train, valid
+        super().on_fit_start(model, train, valid)
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -475,15 +473,15 @@ class ADQHooks(MethodHooks):
 
             self._handle = model.register_forward_hook(capture)
 
+    def is_prepared(self, model: nn.Module) -> bool:
+        return is_prepared(model)
+
+    def prepare(self, model: nn.Module) -> None:
+        self.plan = prepare(model, self.recipe, self.train, self.valid, lr=self._lr)
+        self._captured = None
+
     def on_epoch_start(self, model: nn.Module, epoch: int, total_epochs: int) -> None:
-        if epoch == 0 and not is_prepared(model):
-            if self.train is None or self.valid is None:
-                raise ConfigError(
-                    "the adq method needs the training data before its first epoch: the trainer must call "
-                    "hooks.on_fit_start(model, train, valid) (or call mpqat.methods.adq.prepare() yourself)"
-                )
-            self.plan = prepare(model, self.recipe, self.train, self.valid, lr=self._lr)
-            self._captured = None
+        super().on_epoch_start(model, epoch, total_epochs)
         frozen = epoch >= freeze_from_epoch(self.recipe, total_epochs)
         for layer in codebook_layers(model).values():
             layer.weight_quant.freeze_codebook(frozen)

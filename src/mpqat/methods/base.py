@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpqat.errors import ConfigError
 from mpqat.recipes import Recipe
 
 
@@ -66,6 +67,59 @@ class MethodHooks:
     def final_metrics(self, model: nn.Module) -> dict[str, Any]:
         """Extra keys for ``metrics.json`` once training ends."""
         return {}
+
+
+class AnalyseThenTrainHooks(MethodHooks):
+    """Hooks of the methods that analyse the model once before QAT (HAWQ, ADQ, SMPQ, DNAS).
+
+    The analysis (sensitivity, allocation, search) runs inside :meth:`on_epoch_start` of epoch 0 of a
+    fresh run, so the first checkpoint already holds its result and a resumed run never repeats it.
+    Subclasses implement :meth:`is_prepared` (the result is in the model's buffers),
+    :meth:`check_budget` (fail fast, before any work) and :meth:`prepare` (the analysis itself).
+
+    Example:
+        >>> class Noop(AnalyseThenTrainHooks):
+        ...     def is_prepared(self, model): return False
+        ...     def prepare(self, model): self.done = True
+        >>> hooks = Noop()
+        >>> hooks.on_epoch_start(nn.Linear(1, 1), 0, 1)
+        Traceback (most recent call last):
+        ...
+        mpqat.errors.ConfigError: this method needs the training data before its first epoch: the trainer must call hooks.on_fit_start(model, train, valid) (or call its prepare() yourself)
+    """
+
+    def __init__(self, recipe: Recipe | None = None) -> None:
+        super().__init__(recipe)
+        self.train: tuple[Any, Any] | None = None
+        self.valid: tuple[Any, Any] | None = None
+
+    def is_prepared(self, model: nn.Module) -> bool:
+        """Whether the analysis already ran on ``model`` (e.g. a resumed run)."""
+        raise NotImplementedError
+
+    def check_budget(self, model: nn.Module) -> None:
+        """Raise a ConfigError when the recipe's budget cannot be met on ``model`` (default: nothing)."""
+
+    def prepare(self, model: nn.Module) -> None:
+        """Run the analysis on ``model`` with ``self.train`` / ``self.valid``."""
+        raise NotImplementedError
+
+    def on_fit_start(self, model: nn.Module, train: tuple[Any, Any], valid: tuple[Any, Any]) -> None:
+        """Keep the training and validation arrays for the analysis; check the budget before any work."""
+        self.train, self.valid = train, valid
+        if not self.is_prepared(model):
+            self.check_budget(model)
+
+    def on_epoch_start(self, model: nn.Module, epoch: int, total_epochs: int) -> None:
+        if epoch != 0 or self.is_prepared(model):
+            return
+        if self.train is None or self.valid is None:
+            method = f"the {self.recipe.method} method" if self.recipe is not None else "this method"
+            raise ConfigError(
+                f"{method} needs the training data before its first epoch: the trainer must call "
+                "hooks.on_fit_start(model, train, valid) (or call its prepare() yourself)"
+            )
+        self.prepare(model)
 
 
 _HOOKS: dict[type, Callable[[Recipe], MethodHooks]] = {}

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from mpqat.cost import model_cost
 from mpqat.errors import ConfigError
 from mpqat.methods.allocation import BUDGET_UNITS, Allocation, allocate, budget_costs, min_budget
-from mpqat.methods.base import MethodHooks, is_quantizer_param, register_hooks
+from mpqat.methods.base import AnalyseThenTrainHooks, is_quantizer_param, register_hooks
 from mpqat.methods.sensitivity import (
     QuantizeFn,
     hessian_omega,
@@ -441,32 +441,23 @@ def hawq_summary(model: nn.Module, recipe: HessianILP) -> dict[str, Any]:
 
 
 @register_hooks(HessianILP)
-class HawqHooks(MethodHooks):
+class HawqHooks(AnalyseThenTrainHooks):
     """Runs :func:`prepare` at the start of epoch 0 of a fresh run; reports the allocation at the end."""
 
     recipe: HessianILP
 
     def __init__(self, recipe: HessianILP | None = None) -> None:
         super().__init__(recipe)
-        self.train: ArrayPair | None = None
-        self.valid: ArrayPair | None = None
         self.allocation: Allocation | None = None
 
-    def on_fit_start(self, model: nn.Module, train: ArrayPair, valid: ArrayPair) -> None:
-        """Keep the training and validation arrays for the analysis (called by the trainer); check the budget."""
-        self.train, self.valid = train, valid
-        if not is_allocated(model):
-            check_budget(model, self.recipe)
+    def is_prepared(self, model: nn.Module) -> bool:
+        return is_allocated(model)
 
-    def on_epoch_start(self, model: nn.Module, epoch: int, total_epochs: int) -> None:
-        if epoch != 0 or is_allocated(model):
-            return
+    def check_budget(self, model: nn.Module) -> None:
         check_budget(model, self.recipe)
-        if self.train is None or self.valid is None:
-            raise ConfigError(
-                "the hawq method needs the training data before its first epoch: the trainer must call "
-                "hooks.on_fit_start(model, train, valid) (or call mpqat.methods.hawq.prepare() yourself)"
-            )
+
+    def prepare(self, model: nn.Module) -> None:
+        check_budget(model, self.recipe)
         self.allocation = prepare(model, self.recipe, self.train, self.valid)
 
     def epoch_log(self, model: nn.Module) -> dict[str, Any]:

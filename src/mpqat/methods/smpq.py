@@ -55,7 +55,7 @@ from torch.nn import functional as F
 
 from mpqat.cost import layer_costs, model_cost
 from mpqat.errors import ConfigError
-from mpqat.methods.base import MethodHooks, register_hooks
+from mpqat.methods.base import AnalyseThenTrainHooks, register_hooks
 from mpqat.methods.supernet import (
     BUDGET_KINDS,
     CoalitionValue,
@@ -657,31 +657,22 @@ def search_summary(model: nn.Module, recipe: SupernetRecipe) -> dict[str, Any]:
     return out
 
 
-class SearchHooks(MethodHooks):
+class SearchHooks(AnalyseThenTrainHooks):
     """Runs :func:`prepare` at the start of epoch 0 of a fresh run; reports the search at the end."""
 
     recipe: SupernetRecipe
 
     def __init__(self, recipe: SupernetRecipe | None = None) -> None:
         super().__init__(recipe)
-        self.train: ArrayPair | None = None
-        self.valid: ArrayPair | None = None
         self.record: SearchRecord | None = None
 
-    def on_fit_start(self, model: nn.Module, train: ArrayPair, valid: ArrayPair) -> None:
-        """Keep the data for the search (called by the trainer); check the budget before any work."""
-        self.train, self.valid = train, valid
-        if not is_searched(model):
-            check_budget(model, self.recipe)
+    def is_prepared(self, model: nn.Module) -> bool:
+        return is_searched(model)
 
-    def on_epoch_start(self, model: nn.Module, epoch: int, total_epochs: int) -> None:
-        if epoch != 0 or is_searched(model):
-            return
-        if self.train is None or self.valid is None:
-            raise ConfigError(
-                f"the {self.recipe.method} method needs the training data before its first epoch: the trainer must "
-                "call hooks.on_fit_start(model, train, valid) (or call mpqat.methods.smpq.prepare() yourself)"
-            )
+    def check_budget(self, model: nn.Module) -> None:
+        check_budget(model, self.recipe)
+
+    def prepare(self, model: nn.Module) -> None:
         self.record = prepare(model, self.recipe, self.train, self.valid)
 
     def epoch_log(self, model: nn.Module) -> dict[str, Any]:
