@@ -9,6 +9,7 @@ from mpqat.methods.nmp import NeuronBits
 from mpqat.recipes import Uniform
 from mpqat.runs import load_run, train_run
 from mpqat.train import TrainConfig, fit
+from toys import train_until_killed
 
 
 def _cfg(**kw):
@@ -25,26 +26,8 @@ def test_same_seed_same_result(tmp_path):
         assert key in a
 
 
-class Killed(Exception):
-    """Stands for the process being killed right after a checkpoint was written."""
-
-
 def _interrupted_run(monkeypatch, out, recipe, at_epoch=3):
-    import mpqat.runs as runs_module
-
-    original_fit = runs_module.fit
-
-    def fit_then_die(*args, **kwargs):
-        def die(state):
-            if state["epoch"] == at_epoch:
-                raise Killed
-
-        return original_fit(*args, on_checkpoint=die, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(runs_module, "fit", fit_then_die)
-        with pytest.raises(Killed):
-            train_run("breast-cancer", recipe, out, config=_cfg())
+    train_until_killed(monkeypatch, "breast-cancer", recipe, out, _cfg(), at_epoch)
     assert not (out / "metrics.json").exists()
 
 
@@ -128,22 +111,9 @@ def test_default_schedule_settings_keep_old_run_fingerprints():
 
 
 def test_resume_with_a_cosine_schedule_gives_the_same_result(tmp_path, monkeypatch):
-    import mpqat.runs as runs_module
-
     config = _cfg(lr_schedule="cosine", lr=3e-3)
     full = train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), tmp_path / "full", config=config)
-    original_fit = runs_module.fit
-
-    def fit_then_die(*args, **kwargs):
-        def die(state):
-            if state["epoch"] == 3:
-                raise Killed
-        return original_fit(*args, on_checkpoint=die, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(runs_module, "fit", fit_then_die)
-        with pytest.raises(Killed):
-            train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), tmp_path / "cut", config=config)
+    train_until_killed(monkeypatch, "breast-cancer", Uniform(w_bits=4, a_bits=4), tmp_path / "cut", config, 3)
     resumed = train_run("breast-cancer", Uniform(w_bits=4, a_bits=4), tmp_path / "cut", config=config, resume=True)
     history_full = json.loads((tmp_path / "full" / "history.json").read_text())
     history_cut = json.loads((tmp_path / "cut" / "history.json").read_text())

@@ -29,22 +29,15 @@ from mpqat.methods.sensitivity import TraceEstimate, hessian_omega, quant_error
 from mpqat.quant.codebook import CodebookWeightQuantizer, codebook_fake_quant
 from mpqat.quant.n2uq import ThresholdActQuantizer
 from mpqat.quant.uniform import LSQWeightQuantizer, Pow2ActQuantizer
-from mpqat.quantize import quantize
 from mpqat.recipes import recipe_from_dict
 from mpqat.train import TrainConfig, fit
+from toys import toy_data, toy_model, train_until_killed
+
+_data, _model = toy_data, toy_model
 
 
-def _data(n=200, features=6, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, features)).astype("float32")
-    y = ((X[:, 0] + 0.5 * X[:, 1] ** 2) > 0.5).astype("int64")
-    return X, y
 
 
-def _model(recipe, features=6):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2))
-    return quantize(net, recipe)
 
 
 # ------------------------------------------------------------------------------------------ recipe
@@ -270,22 +263,7 @@ def test_resume_after_the_allocation_gives_the_same_run(tmp_path, monkeypatch):
     recipe = ADQ(avg_bits=3.0, fp_epochs=2, hutchinson_samples=16, kd=0.5)
     full = runs.train_run("breast-cancer", recipe, tmp_path / "full", config=_cfg(4))
 
-    class Killed(Exception):
-        pass
-
-    fit_fn = runs.fit
-
-    def fit_then_die(*args, **kwargs):
-        def die(state):
-            if state["epoch"] == 2:
-                raise Killed
-
-        return fit_fn(*args, on_checkpoint=die, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(runs, "fit", fit_then_die)
-        with pytest.raises(Killed):
-            runs.train_run("breast-cancer", recipe, tmp_path / "cut", config=_cfg(4))
+    train_until_killed(monkeypatch, "breast-cancer", recipe, tmp_path / "cut", _cfg(4), at_epoch=2)
     resumed = runs.train_run("breast-cancer", recipe, tmp_path / "cut", config=_cfg(4), resume=True)
     assert resumed["resumed_from_epoch"] == 2
     for key in ("test_accuracy", "avg_weight_bits", "layer_bits", "codebooks", "codebook_reseeds", "fp_valid_accuracy"):

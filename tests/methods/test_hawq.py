@@ -4,10 +4,8 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from mpqat.cost import model_cost
 from mpqat.errors import ConfigError
@@ -21,21 +19,14 @@ from mpqat.methods.hawq import (
     prepare,
     train_float,
 )
-from mpqat.quantize import quantize
 from mpqat.recipes import recipe_from_dict
 from mpqat.train import TrainConfig
+from toys import toy_data, toy_model, train_until_killed
 
-def _data(n=200, features=6, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, features)).astype("float32")
-    y = ((X[:, 0] + 0.5 * X[:, 1] ** 2) > 0.5).astype("int64")
-    return X, y
+_data, _model = toy_data, toy_model
 
 
-def _model(recipe, features=6):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2))
-    return quantize(net, recipe)
+
 
 
 # ------------------------------------------------------------------------------------------ recipe
@@ -181,22 +172,7 @@ def test_resume_after_the_allocation_gives_the_same_run(tmp_path, monkeypatch):
     recipe = HessianILP(budget=3.0, fp_epochs=3, hutchinson_samples=16)
     full = runs.train_run("breast-cancer", recipe, tmp_path / "full", config=_cfg())
 
-    class Killed(Exception):
-        pass
-
-    fit = runs.fit
-
-    def fit_then_die(*args, **kwargs):
-        def die(state):
-            if state["epoch"] == 3:
-                raise Killed
-
-        return fit(*args, on_checkpoint=die, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(runs, "fit", fit_then_die)
-        with pytest.raises(Killed):
-            runs.train_run("breast-cancer", recipe, tmp_path / "cut", config=_cfg())
+    train_until_killed(monkeypatch, "breast-cancer", recipe, tmp_path / "cut", _cfg(), at_epoch=3)
     resumed = runs.train_run("breast-cancer", recipe, tmp_path / "cut", config=_cfg(), resume=True)
     assert resumed["resumed_from_epoch"] == 3
     for key in ("test_accuracy", "avg_weight_bits", "layer_bits", "sensitivity", "fp_valid_accuracy"):

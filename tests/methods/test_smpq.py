@@ -23,27 +23,21 @@ from mpqat.methods.smpq import (
     search_space,
 )
 from mpqat.methods.supernet import CoalitionValue, build_supernet, select_bits
-from mpqat.quantize import quantize
 from mpqat.recipes import recipe_from_dict
 from mpqat.shapley import exact_shapley, permutation_shapley, relative_l2
 from mpqat.train import TrainConfig
-
+from toys import toy_data, toy_model, train_until_killed
 
 def _data(n=400, features=6, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, features)).astype("float32")
-    y = ((X[:, 0] + 0.5 * X[:, 1] ** 2) > 0.5).astype("int64")
-    return X, y
+    return toy_data(n, features, seed)
 
 
 def _model(recipe, features=6, hidden=(16, 8)):
-    torch.manual_seed(0)
-    layers, width = [], features
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, 2))
-    return quantize(nn.Sequential(*layers), recipe)
+    return toy_model(recipe, features, hidden)
+
+
+
+
 
 
 # ------------------------------------------------------------------------------------------ recipes
@@ -341,22 +335,7 @@ def test_resume_after_the_search_does_not_search_again(tmp_path, monkeypatch):
                   a_candidates=(4, 8))
     full = runs.train_run("breast-cancer", recipe, tmp_path / "full", config=_cfg())
 
-    class Killed(Exception):
-        pass
-
-    fit = runs.fit
-
-    def fit_then_die(*args, **kwargs):
-        def die(state):
-            if state["epoch"] == 2:
-                raise Killed
-
-        return fit(*args, on_checkpoint=die, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(runs, "fit", fit_then_die)
-        with pytest.raises(Killed):
-            runs.train_run("breast-cancer", recipe, tmp_path / "cut", config=_cfg())
+    train_until_killed(monkeypatch, "breast-cancer", recipe, tmp_path / "cut", _cfg(), at_epoch=2)
     searches = []
     original = smpq_module.prepare
     monkeypatch.setattr(smpq_module, "prepare", lambda *a, **k: searches.append(1) or original(*a, **k))
