@@ -103,11 +103,15 @@ def test_model_spec_needs_a_fitting_input_shape() -> None:
         LeNet5(10, (1, 8, 8))
 
 
-def test_export_of_a_conv_model_is_a_clear_error() -> None:
-    q = quantize(LeNet5(10), Uniform())
-    q.train()(torch.randn(4, 784))
-    with pytest.raises(ExportError, match="conv export not supported yet"):
-        export(q, torch.randn(2, 784))
+def test_export_of_a_resnet_is_a_clear_error_and_lenet_exports() -> None:
+    q = quantize(ResNet(10, (1, 16, 16), depth=8, width=0.25), Uniform())
+    q.train()(torch.randn(4, 256))
+    with pytest.raises(ExportError, match="residual adds"):
+        export(q.eval(), torch.randn(2, 256))
+    lenet = quantize(LeNet5(10), Uniform())
+    lenet.train()(torch.randn(4, 784))
+    x = torch.randn(3, 784)
+    assert np.array_equal(export(lenet.eval(), x).run(x.numpy()), lenet(x).double().detach().numpy())
 
 
 # -- end to end: train_run with float pretraining, resume, load_run -----------------------------------

@@ -15,6 +15,7 @@ Example:
 from mpqat.export.convert import export, register_converter
 from mpqat.export import codebook as _codebook  # noqa: F401  (registers the ADQ codebook / threshold nodes)
 from mpqat.export import threshold as _threshold  # noqa: F401
+from mpqat.export import conv as _conv  # noqa: F401  (registers the conv / pooling / flatten nodes and converters)
 from mpqat.export.engine import EngineInputError, register_kernel
 from mpqat.export.ir import (
     DequantizeOutput,

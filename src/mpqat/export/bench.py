@@ -29,16 +29,28 @@ from torch import nn
 
 from mpqat.export.engine import FLOAT_MIN_BATCH, float_path_exact
 from mpqat.export.ir import IntegerGraph
+from mpqat.nn.conv import QuantConv1d, QuantConv2d
 from mpqat.nn.linear import QuantLinear
 
 
 def float_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ``QuantLinear`` replaced by a plain FP32 ``nn.Linear`` (same float weights)."""
+    """A copy of ``model`` with every ``QuantLinear`` replaced by a plain FP32 ``nn.Linear`` and every
+    ``QuantConv1d/2d`` by an ``nn.Conv1d/2d`` (same float weights)."""
     twin = copy.deepcopy(model)
 
     def swap(module: nn.Module) -> None:
         for name, child in module.named_children():
-            if isinstance(child, QuantLinear):
+            if isinstance(child, QuantConv1d | QuantConv2d):
+                float_type = nn.Conv1d if isinstance(child, QuantConv1d) else nn.Conv2d
+                conv = float_type(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                                  padding=child.padding, dilation=child.dilation, groups=child.groups,
+                                  bias=child.bias is not None)
+                with torch.no_grad():
+                    conv.weight.copy_(child.weight.float().reshape(conv.weight.shape))
+                    if child.bias is not None:
+                        conv.bias.copy_(child.bias.float())
+                setattr(module, name, conv)
+            elif isinstance(child, QuantLinear):
                 linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
                 with torch.no_grad():
                     linear.weight.copy_(child.weight.float())

@@ -14,6 +14,9 @@ for the input quantization (``floor(x * 2**-k + 0.5)``, the product is exact) an
 are bit-identical when compiled as C99 with IEEE doubles (e.g. ``gcc -std=c99 -O2 -ffp-contract=off``;
 x87 extended precision, ``-ffast-math`` or flush-to-zero modes void the guarantee). No ``math.h``.
 
+Graphs with feature maps (convs, pools, flatten; :mod:`mpqat.export.conv`) are written by
+:func:`mpqat.export.conv.conv_graph_to_c`, with the same API and runtime helpers.
+
 Weights are read from the packed bit stream on the fly: rows grouped by bit-width, each group a
 little-endian bit stream (see :mod:`mpqat.export.pack`), with a row-index table mapping the
 grouped order back to the output neurons when the widths vary.
@@ -333,6 +336,10 @@ def graph_to_c(graph: IntegerGraph, directory: str | Path, harness: bool = False
     Example: see the module docstring. Compile with ``gcc -std=c99 -O2 -ffp-contract=off -c model.c``.
     """
     nodes = graph.nodes
+    if any(n.layout == "spatial" for n in nodes):  # feature maps: convs, pools, (un)flatten
+        from mpqat.export.conv import conv_graph_to_c
+
+        return conv_graph_to_c(graph, directory, harness=harness)
     if not isinstance(nodes[0], QuantizeInput) or not isinstance(nodes[-1], DequantizeOutput):
         raise ExportError("C export supports graphs from quantize_input to dequantize_output")
     w = _CWriter(graph)

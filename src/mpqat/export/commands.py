@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mpqat.errors import ExportError
+from mpqat.export.bench import float_twin, state_dict_bytes
 from mpqat.export.convert import export
 from mpqat.export.fileformat import VERSION, size_report
 from mpqat.export.ir import IntegerGraph, IntegerLinear
@@ -35,7 +36,6 @@ def export_run(run_dir: str | Path, out_mpq: str | Path, onnx_path: str | Path |
     Example: see the module docstring.
     """
     from mpqat.cost import model_cost
-    from mpqat.export.bench import float_twin, state_dict_bytes
     from mpqat.runs import load_run
     from mpqat.train import predict_logits
 

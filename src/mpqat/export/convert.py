@@ -5,7 +5,8 @@ The model must be a chain (``nn.Sequential``, possibly nested) of ``QuantLinear`
 ``QuantLinear`` is read through its quantizers' public methods only (``integer_codes``, ``scale``,
 ``bits``, ``step``, ``signed``, ``accumulator_step``, ``quantized_bias``), so any quantizer with those
 methods (uniform LSQ, NMP-QAT's learned per-neuron bits) exports the same way. Other layer types
-register a converter with :func:`register_converter`.
+register a converter with :func:`register_converter`; :mod:`mpqat.export.conv` does so for
+convolutions, pooling, ``nn.Flatten`` and ``nn.Unflatten`` (LeNet-5, the 1-D radio CNN).
 
 The export reads exactly the numbers the model's eval path uses (the power-of-two steps from
 ``act_quant.step()``, the dyadic scales from ``weight_quant.scale()``), then checks the graph
@@ -35,11 +36,11 @@ from torch import nn
 
 from mpqat.errors import ExportError
 from mpqat.export.ir import DequantizeOutput, IntegerGraph, IntegerLinear, Node, QuantizeInput, Requantize
-from mpqat.nn.conv import QuantConv1d, QuantConv2d
 from mpqat.nn.linear import QuantLinear
 from mpqat.quant.functional import dyadic_parts
 
-SUPPORTED = "QuantLinear, nn.ReLU, nn.Dropout and nn.Identity in an nn.Sequential chain"
+SUPPORTED = ("QuantLinear, nn.ReLU, nn.Dropout and nn.Identity in an nn.Sequential chain; for CNNs also QuantConv1d/2d "
+             "(groups=1), nn.MaxPool1d/2d, nn.AdaptiveAvgPool1d/2d(1), nn.Flatten and nn.Unflatten (of the model input)")
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Builder:
     nodes: list[Node] = field(default_factory=list)
     state: str = "float"  # "float" (model input) or "acc" (after an integer linear)
     relu: bool = False  # a ReLU is pending before the next quantizer
+    shape: tuple[int, ...] = ()  # per-sample torch shape (C, *spatial) of a feature map (or a pending
+    # nn.Unflatten of the model input); () for flat rows (see mpqat.export.conv)
 
     def quantizer_node(self, exponent: np.ndarray, bits: np.ndarray, signed: bool) -> Node:
         """The node that produces codes for the next layer: quantize the input, or requantize accumulators."""
@@ -137,6 +140,10 @@ def _power_of_two_exponents(steps: np.ndarray, name: str) -> np.ndarray:
 def _convert_quant_linear(name: str, layer: QuantLinear, b: Builder) -> None:
     n_in, n_out = layer.in_features, layer.out_features
     wq, aq = layer.weight_quant, layer.act_quant
+    if b.shape and not hasattr(layer, "kernel_size"):
+        raise ExportError(f"layer '{name}': a linear layer on a feature map {b.shape}; put nn.Flatten() before it")
+    weight = layer.weight.detach().double()
+    weight = weight.reshape(weight.shape[0], -1)  # a conv kernel as the 2-D view its quantizer sees
     if not bool(getattr(aq, "initialized", True)) or not bool(getattr(wq, "initialized", True)):
         raise ExportError(
             f"layer '{name}': its quantizers were never initialised; train the model (at least one "
@@ -146,7 +153,7 @@ def _convert_quant_linear(name: str, layer: QuantLinear, b: Builder) -> None:
         steps = _per_channel(aq.step(), n_in, "activation step", name)
         a_bits = _integral(_per_channel(aq.bits(), n_in, "activation bits", name), "activation bits", name)
         w_bits = _integral(_per_channel(wq.bits(), n_out, "weight bits", name), "weight bits", name)
-        codes = _integral(_np(wq.integer_codes(layer.weight.detach().double())), "weight codes", name)
+        codes = _integral(_np(wq.integer_codes(weight)), "weight codes", name)
         scale = wq.scale().detach().double()
         scale_rows = scale.reshape(-1).expand(n_out) if scale.numel() == 1 else scale.reshape(-1)
         if scale_rows.numel() != n_out:
@@ -171,7 +178,7 @@ def _convert_quant_linear(name: str, layer: QuantLinear, b: Builder) -> None:
     b.nodes.append(make_act(b, aq, k, a_bits, name) if make_act else b.quantizer_node(k, a_bits, bool(aq.signed)))
     fields = dict(bias=bias, mult=mult, scale_exp=scale_exp, acc_exponent=k_acc, name=name)
     make_weight = _WEIGHT_NODES.get(type(wq))
-    b.nodes.append(make_weight(wq, layer.weight.detach().double(), fields) if make_weight
+    b.nodes.append(make_weight(wq, weight, fields) if make_weight
                    else IntegerLinear(weight=codes, weight_bits=w_bits, **fields))
     b.state = "acc"
 
@@ -198,10 +205,10 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
             for child_name, child in module.named_children():
                 out += walk(f"{prefix}.{child_name}" if prefix else child_name, child)
             return out
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
             raise ExportError(
-                f"layer '{prefix}' is a float nn.Linear: every linear layer must be quantized for an integer "
-                "export (mpqat.quantize(model, recipe) swaps them all for QuantLinear)"
+                f"layer '{prefix}' is a float nn.{type(module).__name__}: every linear and conv layer must be quantized "
+                "for an integer export (mpqat.quantize(model, recipe) swaps them all for QuantLinear/QuantConv)"
             )
         raise ExportError(f"layer '{prefix}' ({type(module).__name__}) is not supported by the integer export; supported: {SUPPORTED}")
 
@@ -231,11 +238,6 @@ def export(model: nn.Module, example: Any, check: bool = True) -> IntegerGraph:
         >>> export(model, torch.randn(4, 3)).output_dim
         2
     """
-    if any(isinstance(m, nn.Conv1d | nn.Conv2d | QuantConv1d | QuantConv2d) for m in model.modules()):
-        raise ExportError(
-            "conv export not supported yet: the integer graph is a chain of linear layers over [rows, features]; "
-            "evaluate convolutional models with `mpqat eval` (the eval path is already exact on the integer grid)"
-        )
     frozen = copy.deepcopy(model).eval()
     builder = Builder()
     leaves = _leaves(frozen)
@@ -245,10 +247,12 @@ def export(model: nn.Module, example: Any, check: bool = True) -> IntegerGraph:
         raise ExportError(f"the model has no QuantLinear layer to export; supported: {SUPPORTED}")
     if builder.relu:
         raise ExportError("the model ends with a ReLU; the integer export needs the last layer to be a QuantLinear (logits)")
-    first = next(n for n in builder.nodes if isinstance(n, IntegerLinear))
-    x = _example_array(example, first.in_features)
+    if builder.shape:
+        raise ExportError(f"the model ends with a feature map {builder.shape}; the integer export needs flat logits "
+                          "(end with nn.Flatten and a linear layer)")
     builder.nodes.append(DequantizeOutput())
     graph = IntegerGraph(builder.nodes)
+    x = _example_array(example, graph.input_dim)
     if check:
         with torch.no_grad():
             expected = frozen(torch.from_numpy(np.ascontiguousarray(x))).double().numpy()

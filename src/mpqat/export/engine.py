@@ -16,6 +16,8 @@ Two interchangeable pipelines, vectorised, giving the same bits:
   ``s_j >= 1``) keeps the integer below ``2**53``.
   Shifts beyond ``[-20, 53]`` are clamped exactly as in the integer path (the result saturates or is 0
   either way). So the float pipeline returns the integer pipeline's bits, which the tests check.
+  Nodes that are not fused (a requantize after a pooling node, the conv and pooling nodes of
+  :mod:`mpqat.export.conv`) carry the same integers in float64, exactly for the same reason.
   For batches of :data:`FLOAT32_MIN_BATCH` rows or more, a layer whose dot products stay below
   ``2**24`` (recorded as ``float32_exact``) runs the matmul in float32 BLAS on the unscaled integers
   (exact for the same reason) and applies ``c_j`` and the offset afterwards in float64.
@@ -63,6 +65,8 @@ FLOAT_MIN_BATCH = 1
 #: From this batch size on, layers with ``float32_exact`` use float32 BLAS (about twice as fast).
 FLOAT32_MIN_BATCH = 64
 BACKENDS = ("auto", "int64", "float")
+#: Graphs with feature maps (CNNs) run their rows in blocks whose widest map has at most this many entries.
+MAP_BLOCK_ELEMENTS = 2**22
 
 Kernel = Callable[[np.ndarray], np.ndarray]
 KernelFactory = Callable[[Node, TensorInfo, TensorInfo, str], Kernel]
@@ -114,11 +118,6 @@ def _effective_weight(node: IntegerLinear, inp: TensorInfo) -> np.ndarray:
     return node.weight * (np.int64(1) << node.input_shifts(inp))[None, :]
 
 
-def _int64_only(node: Node, pipeline: str) -> None:
-    if pipeline != "int64":  # the float pipeline fuses these nodes (see _fused_float)
-        raise EngineInputError(f"node '{node.op}' runs in the float pipeline only fused with its neighbour")
-
-
 @register_kernel(IntegerLinear)
 def _integer_linear(node: IntegerLinear, inp: TensorInfo, out: TensorInfo, pipeline: str) -> Kernel:
     wt = np.ascontiguousarray(_effective_weight(node, inp).T)
@@ -138,8 +137,9 @@ def _integer_linear(node: IntegerLinear, inp: TensorInfo, out: TensorInfo, pipel
 
 @register_kernel(Requantize)
 def _requantize(node: Requantize, inp: TensorInfo, out: TensorInfo, pipeline: str) -> Kernel:
-    _int64_only(node, pipeline)
     s = node.shifts(inp)
+    if pipeline != "int64":  # not fused (e.g. after a pooling node): the same integers carried in float64
+        return _requantize_float(s, inp, out)
     mult = inp.mult.astype(np.int64)
     lo, hi = out.lo, out.hi
     if np.all(s >= 1):
@@ -166,9 +166,30 @@ def _requantize(node: Requantize, inp: TensorInfo, out: TensorInfo, pipeline: st
     return kernel_mixed
 
 
+def _requantize_float(s: np.ndarray, inp: TensorInfo, out: TensorInfo) -> Kernel:
+    """Requantize on integers carried in float64: ``floor(acc * m * 2**-s (+ 1/2))`` clamped.
+
+    Exact and equal to the int64 kernel: ``|acc * m| < 2**52`` (checked when the graph is built), the
+    power-of-two scaling is exact, adding 1/2 (only where ``s >= 1``) keeps every bit, and a left shift
+    that the int64 kernel clips saturates the clamp either way.
+    """
+    mult = inp.mult.astype(np.float64)
+    scale = np.ldexp(1.0, -s)
+    offset = np.where(s >= 1, 0.5, 0.0)
+    lo, hi = out.lo.astype(np.float64), out.hi.astype(np.float64)
+
+    def kernel(acc: np.ndarray) -> np.ndarray:
+        v = acc * mult
+        v *= scale
+        v += offset
+        np.floor(v, out=v)
+        return _clamp(v, lo, hi)
+
+    return kernel
+
+
 @register_kernel(DequantizeOutput)
 def _dequantize(node: DequantizeOutput, inp: TensorInfo, out: TensorInfo, pipeline: str) -> Kernel:
-    _int64_only(node, pipeline)
     scales = DequantizeOutput.scales(inp)
 
     def kernel(acc: np.ndarray) -> np.ndarray:
@@ -182,7 +203,7 @@ def _dequantize(node: DequantizeOutput, inp: TensorInfo, out: TensorInfo, pipeli
 def _fused_float(graph: IntegerGraph, i: int) -> Kernel | None:
     """Float-pipeline kernel for ``IntegerLinear`` node ``i`` fused with the node after it (None: no fusion)."""
     node, after = graph.nodes[i], graph.nodes[i + 1] if i + 1 < len(graph.nodes) else None
-    if not isinstance(node, IntegerLinear) or type(after) not in (Requantize, DequantizeOutput):
+    if not isinstance(node, IntegerLinear) or node.layout != "flat" or type(after) not in (Requantize, DequantizeOutput):
         return None
     if not node._report.float64_exact:
         raise EngineInputError(f"layer '{node.name}' is too wide for the exact float64 path; use backend='int64'")
@@ -276,6 +297,13 @@ def run_graph(graph: IntegerGraph, x: np.ndarray, backend: str = "auto") -> np.n
     h = _prepare(graph, x)
     if backend == "auto":
         backend = "float" if len(h) >= FLOAT_MIN_BATCH and float_path_exact(graph) else "int64"
-    for kernel in compile_graph(graph, backend):
-        h = kernel(h)
-    return h
+    kernels = compile_graph(graph, backend)
+    widest = max(info.size * int(np.prod(info.spatial)) for info in graph.infos)
+    block = max(1, MAP_BLOCK_ELEMENTS // max(widest, 1)) if any(info.spatial for info in graph.infos) else len(h)
+    outs = []
+    for start in range(0, max(len(h), 1), max(block, 1)):  # feature maps: rows in blocks, bounded memory
+        part = h[start : start + block] if block < len(h) else h
+        for kernel in kernels:
+            part = kernel(part)
+        outs.append(part)
+    return outs[0] if len(outs) == 1 else np.concatenate(outs)

@@ -341,7 +341,7 @@ def size_report(graph: IntegerGraph) -> dict[str, Any]:
             meta_bits += (1 if uniform_scale else out) * SCALE_BITS + out * BIAS_BITS
             meta_bits += out * WIDTH_CODE_BITS if len(np.unique(node.weight_bits)) > 1 else 0
             if previous is not None:
-                n_in = node.in_features
+                n_in = int(getattr(node, "in_channels", node.in_features))  # a conv: per input channel
                 meta_bits += (1 if len(np.unique(previous.exponent)) == 1 else n_in) * EXPONENT_BITS
                 meta_bits += n_in * WIDTH_CODE_BITS if len(np.unique(previous.bits)) > 1 else 0
         elif isinstance(node, ActivationQuantizer):

@@ -40,6 +40,11 @@ int64 product exact, and it also keeps the float64 evaluation of the PyTorch mod
 why the model and the graph agree bit for bit.
 Whether a layer's accumulator fits int32 (for C on a microcontroller) is recorded per layer.
 
+Feature maps (convolutional models, :mod:`mpqat.export.conv`): an edge may also carry a map
+``[n, *spatial, channels]``, channels last (``TensorInfo.spatial`` is its spatial shape, ``size`` the
+channel count); the per-feature arrays above are then per channel and broadcast over the positions.
+Nodes say how they treat maps with :attr:`Node.layout`; the graph's input and output stay flat rows.
+
 New node types (e.g. a codebook layer) subclass :class:`Node`, implement :meth:`Node.propagate`,
 register with :func:`register_node`, and register an engine kernel (``engine.register_kernel``)
 and, if wanted, ONNX and C emitters.
@@ -122,6 +127,7 @@ class TensorInfo:
     acc_exp: np.ndarray | None = None
     bound: np.ndarray | None = None  # acc: max |acc| per channel (float64, conservative)
     explain: Any = None  # acc: explain(row, limit_bits) -> why the producing layer's bound is too large
+    spatial: tuple[int, ...] = ()  # feature maps: spatial shape, the array is [n, *spatial, size] (channels last)
 
 
 @dataclass
@@ -178,6 +184,9 @@ class Node:
     op: ClassVar[str] = ""
     #: kinds of tensor accepted on input
     accepts: ClassVar[tuple[str, ...]] = ()
+    #: how the node treats feature maps (``TensorInfo.spatial``): "flat" (flat input only), "pointwise"
+    #: (per channel, the spatial shape passes through) or "spatial" (the node handles it itself)
+    layout: ClassVar[str] = "flat"
 
     def propagate(self, inp: TensorInfo, where: str) -> TensorInfo:  # pragma: no cover - abstract
         """Check this node against its input and describe its output; raise :class:`ExportError`."""
@@ -205,6 +214,7 @@ def _as_int_array(value: Any, name: str, where: str, ndim: int) -> np.ndarray:
 class ActivationQuantizer(Node):
     """Shared part of the nodes that produce codes: per-feature step exponents, bit-widths, sign, ReLU."""
 
+    layout: ClassVar[str] = "pointwise"
     exponent: np.ndarray = array_field()
     bits: np.ndarray = array_field()
     signed: bool = True
@@ -414,7 +424,12 @@ class IntegerGraph:
             where = f"node {index} ({node.op})"
             if info.kind not in node.accepts:
                 raise ExportError(f"{where}: takes {'/'.join(node.accepts)} input but gets {info.kind}")
+            if info.spatial and node.layout == "flat":
+                raise ExportError(f"{where}: takes flat [rows, features] input but gets a feature map "
+                                  f"{'x'.join(map(str, info.spatial))}x{info.size}; flatten it first")
             out = node.propagate(info, where)
+            if node.layout == "pointwise":
+                out.spatial = info.spatial
             if isinstance(node, IntegerLinear):
                 node._report.index = index
                 layers.append(node._report)

@@ -11,6 +11,9 @@ Each node becomes a few standard operators that onnxruntime's CPU provider runs:
   the engine's ``(v + 2**(s-1)) >> s`` (ONNX's ``BitShift`` is unsigned-only, so it is not used);
 * ``dequantize_output``: ``Cast(double) -> Mul(m * 2**(K-e))``.
 
+Other node types register emitters with :func:`register_onnx` (codebook and threshold nodes, and the
+conv / pooling / flatten nodes of :mod:`mpqat.export.conv`, which carry feature maps as ``[N*P, C]``).
+
 Every floating-point operation is either exact or the same single IEEE operation that the engine
 performs, so the ONNX output is **bit-identical** to ``graph.run`` (largest difference: 0), which
 the tests check. ``QuantizeLinear``/``DequantizeLinear`` are not used: they round half to even and
