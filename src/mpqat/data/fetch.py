@@ -79,6 +79,7 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
     key = name.strip().lower()
     if key == "all" or key in DATASET_GROUPS:  # e.g. "rf-modulation": rf-awgn, rf-rayleigh, rf-tdla
         infos = list_datasets() if key == "all" else [get_dataset(n) for n in DATASET_GROUPS[key]]
+        infos = [i for i in infos if i.base is None]  # derived datasets (rf-awgn-ap) share their base's file
         start = time.perf_counter()
         with Downloads(steps, key) as dl:
             for info in infos:

@@ -579,6 +579,61 @@ RADIO_DATASETS: dict[str, RadioConfig] = {
 RADIO_GROUP = "rf-modulation"
 
 
+def amplitude_phase_difference(frames: np.ndarray) -> np.ndarray:
+    """Rotation-invariant features of I/Q frames ``[n, 2, L]`` (row 0 = I, row 1 = Q).
+
+    Returns float32 ``[n, 2, L]``: row 0 = amplitude ``|z_t|``, row 1 = phase difference
+    ``angle(z_t * conj(z_{t-1})) / pi`` wrapped to ``(-1, 1]`` (0 for the first sample). Multiplying
+    a frame by ``exp(j*theta)`` leaves both rows unchanged; a constant frequency offset adds a
+    constant to row 1. Computed in float64, vectorised, deterministic.
+
+    Example::
+
+        >>> z = np.exp(1j * np.pi / 2 * np.arange(4))           # 90 degrees per sample
+        >>> amplitude_phase_difference(np.stack([z.real, z.imag])[None]).round(6).tolist()
+        [[[1.0, 1.0, 1.0, 1.0], [0.0, 0.5, 0.5, 0.5]]]
+    """
+    x = np.asarray(frames, dtype=np.float64)
+    if x.ndim != 3 or x.shape[1] != 2:
+        raise DatasetError(f"expected I/Q frames of shape [n, 2, L], got {x.shape}")
+    z = x[:, 0] + 1j * x[:, 1]
+    out = np.zeros(x.shape, dtype=np.float64)
+    out[:, 0] = np.abs(z)
+    out[:, 1, 1:] = np.angle(z[:, 1:] * np.conj(z[:, :-1])) / np.pi
+    out = out.astype(np.float32)
+    out[:, 1] = np.where(out[:, 1] <= -1.0, out[:, 1] + 2.0, out[:, 1])  # -pi (or float32 rounding to it) -> pi
+    return out
+
+
+#: feature transform name (``DatasetInfo.transform`` in registry.py) -> (function from I/Q frames
+#: ``[n, 2, L]`` to ``[n, C, L]`` float32, the prefixes of its rows' feature names).
+FEATURE_TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], tuple[str, ...]]] = {
+    "amp-dphase": (amplitude_phase_difference, ("A", "D")),
+}
+
+
+def resolve_radio(name: str) -> tuple[str, str, str | None]:
+    """``(name, base, transform)`` of a named radio dataset: ``base`` is the generated dataset whose
+    file it reads (itself for ``rf-awgn``, ...), ``transform`` a key of :data:`FEATURE_TRANSFORMS`
+    or None. An unknown name raises :class:`DatasetError` listing the radio datasets.
+
+    Example::
+
+        >>> resolve_radio("rf-tdla-ap")
+        ('rf-tdla-ap', 'rf-tdla', 'amp-dphase')
+    """
+    from mpqat.data.registry import find_dataset, list_datasets
+
+    info = find_dataset(name)
+    base = (info.base or info.name) if info is not None and info.kind == "radio" else None
+    if info is None or base not in RADIO_DATASETS:
+        known = [d.name for d in list_datasets("radio")]
+        raise DatasetError(f"unknown radio dataset '{name}': use one of {', '.join(known)}")
+    if info.transform is not None and info.transform not in FEATURE_TRANSFORMS:
+        raise DatasetError(f"radio dataset '{info.name}' names an unknown feature transform '{info.transform}'")
+    return info.name, base, info.transform
+
+
 def radio_cache_path(name: str) -> Path:
     """Where ``mpqat data fetch NAME`` keeps the frames of a named radio dataset."""
     from mpqat.data.paths import data_dir
@@ -587,7 +642,8 @@ def radio_cache_path(name: str) -> Path:
 
 
 def fetch_radio(name: str, force: bool = False, note: Callable[[str], None] | None = None) -> Path:
-    """Generate named radio dataset ``name`` into the data directory once; return the file.
+    """Generate named radio dataset ``name`` into the data directory once; return the file
+    (for a derived dataset such as ``rf-awgn-ap``: its base's file, ``rf-awgn.npz``).
 
     A second call returns at once unless ``force``. Example::
 
@@ -596,10 +652,12 @@ def fetch_radio(name: str, force: bool = False, note: Callable[[str], None] | No
     """
     from mpqat.data.paths import atomic_path
 
-    if name not in RADIO_DATASETS:
-        raise DatasetError(f"unknown radio dataset '{name}': use one of {', '.join(RADIO_DATASETS)}")
-    path = radio_cache_path(name)
     say = note or (lambda _msg: None)
+    name, base, _ = resolve_radio(name)  # a derived dataset (rf-awgn-ap) shares its base's file
+    if base != name:
+        say(f"{name}: computed from {base}'s frames when loading")
+        name = base
+    path = radio_cache_path(name)
     if path.is_file() and not force:
         say(f"{name}: already fetched ({path})")
         return path
@@ -634,14 +692,21 @@ def _balanced_subset(
 
 
 def radio_splits(
-    data: RadioData, name: str, seed: int = 0, max_rows: int | None = None
+    data: RadioData, name: str, seed: int = 0, max_rows: int | None = None, transform: str | None = None
 ) -> RadioSplits:
     """Turn :class:`RadioData` into :class:`RadioSplits` (flat float32 features, I then Q).
 
     The splits are the generated ones (``seed`` does not change them; it only seeds the
     ``max_rows`` subsample, which keeps every (class, SNR) pair as balanced as possible and the
     split proportions). No preprocessing: each frame is already scaled to unit RMS.
+    ``transform`` (a key of :data:`FEATURE_TRANSFORMS`, for I/Q data) replaces the features of
+    the kept rows; rows, labels and SNRs stay the same.
     """
+    if transform is not None and transform not in FEATURE_TRANSFORMS:
+        raise DatasetError(f"unknown feature transform '{transform}': use one of {', '.join(FEATURE_TRANSFORMS)}")
+    if transform is not None and data.config.features != "iq":
+        raise DatasetError(f"feature transform '{transform}' needs I/Q frames (features='iq'), "
+                           f"got features='{data.config.features}'")
     cfg = data.config
     total = sum(len(data.y[s]) for s in SPLIT_NAMES)
     keep = {s: np.arange(len(data.y[s])) for s in SPLIT_NAMES}
@@ -659,8 +724,13 @@ def radio_splits(
             for s in SPLIT_NAMES:
                 n_keep = max(len(data.class_names), int(round(max_rows * len(data.y[s]) / total)))
                 keep[s] = _balanced_subset(data.y[s], np.searchsorted(snrs, data.snr[s]), n_keep, rng)
-    X = {s: data.X[s][keep[s]].reshape(len(keep[s]), -1) for s in SPLIT_NAMES}
+    frames = {s: data.X[s][keep[s]] for s in SPLIT_NAMES}
     rows = {"iq": ("I", "Q"), "ap": ("A", "P"), "iqap": ("I", "Q", "A", "P")}[cfg.features]
+    if transform is not None:
+        func, rows = FEATURE_TRANSFORMS[transform]
+        frames = {s: func(x) for s, x in frames.items()}
+    shape = frames["train"].shape[1:]
+    X = {s: x.reshape(len(x), -1) for s, x in frames.items()}
     names = [f"{r}{t}" for r in rows for t in range(cfg.frame_length)]
     return RadioSplits(
         name=name,
@@ -679,9 +749,10 @@ def radio_splits(
             "max_rows": max_rows,
             "n_rows_source": int(total),
             "radio_config": cfg.to_dict(),
-            "input_shape": list(cfg.input_shape),
+            "feature_transform": transform,
+            "input_shape": list(shape),
         },
-        input_shape=cfg.input_shape,
+        input_shape=tuple(shape),
         snr_train=data.snr["train"][keep["train"]],
         snr_valid=data.snr["valid"][keep["valid"]],
         snr_test=data.snr["test"][keep["test"]],
@@ -689,7 +760,8 @@ def radio_splits(
 
 
 def load_radio(name: str, seed: int = 0, max_rows: int | None = None) -> RadioSplits:
-    """The splits of a fetched named radio dataset (``rf-awgn``, ``rf-rayleigh``, ``rf-tdla``).
+    """The splits of a fetched named radio dataset (``rf-awgn``, ``rf-rayleigh``, ``rf-tdla``, or
+    a derived one such as ``rf-awgn-ap``: its base's file, rows and SNRs, its own features).
 
     Raises :class:`DatasetError` naming the fetch command when it is not generated yet.
 
@@ -699,18 +771,17 @@ def load_radio(name: str, seed: int = 0, max_rows: int | None = None) -> RadioSp
         >>> ds.X_train.shape, ds.input_shape, ds.snr_test[:3]
         ((25600, 256), (2, 128), array([...], dtype=float32))
     """
-    if name not in RADIO_DATASETS:
-        raise DatasetError(f"unknown radio dataset '{name}': use one of {', '.join(RADIO_DATASETS)}")
-    path = radio_cache_path(name)
+    name, base, transform = resolve_radio(name)
+    path = radio_cache_path(base)
     if not path.is_file():
         raise DatasetError(f"dataset '{name}' is not generated yet: run 'mpqat data fetch {name}'")
-    data = read_radio(path, name)
-    if data.config != RADIO_DATASETS[name]:
+    data = read_radio(path, base)
+    if data.config != RADIO_DATASETS[base]:
         raise DatasetError(
             f"the cached '{path}' was generated with other settings than this version of mpqat "
-            f"uses: run 'mpqat data fetch {name} --force'"
+            f"uses: run 'mpqat data fetch {base} --force'"
         )
-    return radio_splits(data, name, seed=seed, max_rows=max_rows)
+    return radio_splits(data, name, seed=seed, max_rows=max_rows, transform=transform)
 
 
 @dataclass(eq=False)

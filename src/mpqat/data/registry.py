@@ -37,6 +37,11 @@ rf-awgn      38400  256       8        AWGN only (25,600 / 6,400 / 6,400 frames)
 rf-rayleigh  38400  256       8        flat Rayleigh block fading + AWGN
 rf-tdla      38400  256       8        3GPP TDL-A, 100 ns delay spread, 0..30 m/s
 ===========  =====  ========  =======  ===============================================
+
+``rf-awgn-ap``, ``rf-rayleigh-ap`` and ``rf-tdla-ap`` are the same frames (same file, rows, labels
+and SNRs) with derived features computed at load time: amplitude |z_t| and phase difference
+angle(z_t conj(z_{t-1}))/pi per sample (``base`` and ``transform`` of their entries; see
+``radio.FEATURE_TRANSFORMS``).
 """
 
 from __future__ import annotations
@@ -73,11 +78,14 @@ class DatasetInfo:
     aliases: tuple[str, ...] = field(default=())
     kind: str = "tabular"  # "tabular" (a table, preprocess.py), "image" (images.py) or "radio" (radio.py)
     input_shape: tuple[int, ...] | None = None  # per-sample shape of an image dataset, e.g. (1, 28, 28)
+    base: str | None = None  # a derived dataset: the named dataset whose cache file it reads
+    transform: str | None = None  # ... and the feature transform applied at load time (radio.py)
 
     @property
     def cache_path(self) -> Path:
-        """Where :func:`mpqat.data.fetch` stores the prepared table (or image arrays) for this dataset."""
-        return data_dir() / f"{self.name}.{'parquet' if self.kind == 'tabular' else 'npz'}"
+        """Where :func:`mpqat.data.fetch` stores the prepared table (or image arrays) for this dataset
+        (a derived dataset shares its ``base`` dataset's file)."""
+        return data_dir() / f"{self.base or self.name}.{'parquet' if self.kind == 'tabular' else 'npz'}"
 
     @property
     def needs_fetch(self) -> bool:
@@ -277,6 +285,33 @@ _DATASETS: tuple[DatasetInfo, ...] = (
             ("tdla", "3GPP TR 38.901 TDL-A channel, 100 ns RMS delay spread, UE speed 0..30 m/s "
              "at 3.5 GHz, and AWGN", ("rf-modulation-tdla", "rf-tdl-a", "radioml-tdla")),
         )
+    ),
+    *(
+        DatasetInfo(
+            name=f"rf-{tier}-ap",
+            source=f"the frames of rf-{tier} (same cache file, rows, labels and SNRs) with features "
+            "derived at load time; see mpqat/data/radio.py",
+            task="8-class classification: which digital modulation is this frame (amplitude and "
+            "phase difference)?",
+            n_rows=38400,
+            n_features=256,
+            n_classes=8,
+            target="modulation",
+            citation="Hoydis J. et al. (2022) Sionna: An Open-Source Library for Next-Generation "
+            "Physical Layer Research, arXiv:2203.11854; task after O'Shea T., West N. (2016) "
+            "Radio Machine Learning Dataset Generation with GNU Radio (RadioML)",
+            licence="generated data; Sionna is Apache-2.0",
+            fetch_hint=f"mpqat data fetch rf-{tier}",
+            notes=f"rf-{tier} with row 0 = amplitude |z_t| (A0..A127) and row 1 = phase difference "
+            "angle(z_t conj(z_{t-1}))/pi in (-1, 1], 0 for the first sample (D0..D127): invariant "
+            "to the frame's carrier phase (a constant CFO shifts row 1 by a constant). Computed "
+            f"when loading, from rf-{tier}'s file (fetching either fetches that file).",
+            kind="radio",
+            input_shape=(2, 128),
+            base=f"rf-{tier}",
+            transform="amp-dphase",
+        )
+        for tier in ("awgn", "rayleigh", "tdla")
     ),
 )
 
