@@ -288,7 +288,7 @@ def inspect_cmd(mpq_path: str) -> None:
 
 
 @cli.command()
-@click.option("--suite", required=True, help="A shipped suite (smoke, tabular, nmp, vision) or a YAML file.")
+@click.option("--suite", required=True, help="A shipped suite (smoke, tabular, nmp, vision, fashion-mnist, adq-tabular, smpq) or a YAML file.")
 @click.option("--seeds", type=int, default=None, help="Seeds 0..N-1 (default: the suite's).")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Runs in parallel.")
 @click.option("--out", type=click.Path(), default=None, help="Output folder (default: benchmarks/SUITE).")
