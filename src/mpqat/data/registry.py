@@ -98,6 +98,17 @@ class DatasetInfo:
         return not self.needs_fetch or self.cache_path.is_file()
 
 
+#: what the radio datasets and their derived-feature variants have in common
+_RADIO_COMMON: dict = {
+    "n_rows": 38400, "n_features": 256, "n_classes": 8, "target": "modulation",
+    "citation": "Hoydis J. et al. (2022) Sionna: An Open-Source Library for Next-Generation Physical Layer "
+    "Research, arXiv:2203.11854; task after O'Shea T., West N. (2016) Radio Machine Learning Dataset "
+    "Generation with GNU Radio (RadioML)",
+    "licence": "generated data; Sionna is Apache-2.0",
+    "kind": "radio",
+    "input_shape": (2, 128),
+}
+
 _DATASETS: tuple[DatasetInfo, ...] = (
     DatasetInfo(
         name="telco-churn",
@@ -260,14 +271,7 @@ _DATASETS: tuple[DatasetInfo, ...] = (
             source="generated locally with NVIDIA Sionna PHY (PyPI sionna-no-rt==2.2.0, installed "
             f"with --no-deps): {channel}; see mpqat/data/radio.py",
             task="8-class classification: which digital modulation is this I/Q frame?",
-            n_rows=38400,
-            n_features=256,
-            n_classes=8,
-            target="modulation",
-            citation="Hoydis J. et al. (2022) Sionna: An Open-Source Library for Next-Generation "
-            "Physical Layer Research, arXiv:2203.11854; task after O'Shea T., West N. (2016) "
-            "Radio Machine Learning Dataset Generation with GNU Radio (RadioML)",
-            licence="generated data; Sionna is Apache-2.0",
+            **_RADIO_COMMON,
             fetch_hint=f"mpqat data fetch rf-{tier}",
             notes="BPSK, QPSK, 8PSK, 16PSK, 4PAM, 8PAM, 16QAM, 64QAM; 128 complex samples at 4 "
             "samples/symbol (RRC 0.35, matched filter at the receiver, random symbol timing); SNR "
@@ -275,8 +279,6 @@ _DATASETS: tuple[DatasetInfo, ...] = (
             "at unit RMS. Seeded: the same bytes for the same settings. The SNR of each frame is "
             "kept beside the features (RadioSplits.snr_test) for accuracy-vs-SNR curves.",
             aliases=aliases,
-            kind="radio",
-            input_shape=(2, 128),
         )
         for tier, channel, aliases in (
             ("awgn", "AWGN only", ("rf-modulation-awgn", "radioml-awgn")),
@@ -293,21 +295,12 @@ _DATASETS: tuple[DatasetInfo, ...] = (
             "derived at load time; see mpqat/data/radio.py",
             task="8-class classification: which digital modulation is this frame (amplitude and "
             "phase difference)?",
-            n_rows=38400,
-            n_features=256,
-            n_classes=8,
-            target="modulation",
-            citation="Hoydis J. et al. (2022) Sionna: An Open-Source Library for Next-Generation "
-            "Physical Layer Research, arXiv:2203.11854; task after O'Shea T., West N. (2016) "
-            "Radio Machine Learning Dataset Generation with GNU Radio (RadioML)",
-            licence="generated data; Sionna is Apache-2.0",
+            **_RADIO_COMMON,
             fetch_hint=f"mpqat data fetch rf-{tier}",
             notes=f"rf-{tier} with row 0 = amplitude |z_t| (A0..A127) and row 1 = phase difference "
             "angle(z_t conj(z_{t-1}))/pi in (-1, 1], 0 for the first sample (D0..D127): invariant "
             "to the frame's carrier phase (a constant CFO shifts row 1 by a constant). Computed "
             f"when loading, from rf-{tier}'s file (fetching either fetches that file).",
-            kind="radio",
-            input_shape=(2, 128),
             base=f"rf-{tier}",
             transform="amp-dphase",
         )
