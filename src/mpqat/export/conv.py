@@ -90,7 +90,7 @@ from mpqat.export.ir import (
     array_field,
     register_node,
 )
-from mpqat.export.onnx_export import _Builder, register_onnx
+from mpqat.export.onnx_export import _Builder, register_onnx, shifted_weight
 from mpqat.export.threshold import ThresholdRequantize
 from mpqat.models.cnn import BasicBlock, ResNet
 from mpqat.nn.conv import QuantConv1d, QuantConv2d, conv_output_size
@@ -465,12 +465,7 @@ def _emit_conv(b: _Builder, node: IntegerConv, inp: TensorInfo, out: TensorInfo,
     pad_index = math.prod(inp.spatial) * inp.size
     table = window_table(inp.spatial, inp.size, g["kernel"], g["stride"], g["padding"], g["dilation"], pad_index)
     cols = _gather_windows(b, a, inp, table.reshape(len(table), -1), 0, i)  # [N, P_out, C*taps]
-    w = node.weight.T
-    dtype = np.int8 if np.abs(w).max(initial=0) < 128 else np.int16
-    wt = b.op("Cast", [b.const(w.astype(dtype), f"n{i}_weight")], f"n{i}_w64", to=b.onnx.TensorProto.INT64)
-    shift = node.input_shifts(inp)
-    if np.any(shift != 0):
-        wt = b.op("Mul", [wt, b.const((np.int64(1) << shift)[:, None].astype(np.int64), f"n{i}_colshift")], f"n{i}_weff")
+    wt = shifted_weight(b, node, inp, i)
     acc = b.op("MatMul", [cols, wt], f"n{i}_dot")
     acc = b.op("Reshape", [acc, b.const(_int64([-1, out.size]), f"n{i}_maps")], f"n{i}_map")
     return b.op("Add", [acc, b.const(node.bias.astype(np.int64), f"n{i}_bias")], f"n{i}_acc")

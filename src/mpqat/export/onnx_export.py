@@ -105,14 +105,21 @@ def _emit_quantize(b: _Builder, node: QuantizeInput, inp: TensorInfo, out: Tenso
     return b.quantize(xd, node.exponent, out.lo, out.hi, f"n{i}")
 
 
-@register_onnx(IntegerLinear)
-def _emit_linear(b: _Builder, node: IntegerLinear, inp: TensorInfo, out: TensorInfo, a: str, i: int) -> str:
+def shifted_weight(b: _Builder, node: IntegerLinear, inp: TensorInfo, i: int) -> str:
+    """The int64 ``[fan_in, out]`` weight with each input column's alignment shift ``<< (k_i - K)`` folded in
+    (stored as int8/int16, cast at run time); shared by the linear and the conv emitters."""
     w = node.weight.T
     dtype = np.int8 if np.abs(w).max(initial=0) < 128 else np.int16
     wt = b.op("Cast", [b.const(w.astype(dtype), f"n{i}_weight")], f"n{i}_w64", to=b.onnx.TensorProto.INT64)
     shift = node.input_shifts(inp)
     if np.any(shift != 0):
         wt = b.op("Mul", [wt, b.const((np.int64(1) << shift)[:, None].astype(np.int64), f"n{i}_colshift")], f"n{i}_weff")
+    return wt
+
+
+@register_onnx(IntegerLinear)
+def _emit_linear(b: _Builder, node: IntegerLinear, inp: TensorInfo, out: TensorInfo, a: str, i: int) -> str:
+    wt = shifted_weight(b, node, inp, i)
     acc = b.op("MatMul", [a, wt], f"n{i}_dot")
     return b.op("Add", [acc, b.const(node.bias.astype(np.int64), f"n{i}_bias")], f"n{i}_acc")
 
