@@ -299,10 +299,11 @@ def run_graph(graph: IntegerGraph, x: np.ndarray, backend: str = "auto") -> np.n
         backend = "float" if len(h) >= FLOAT_MIN_BATCH and float_path_exact(graph) else "int64"
     kernels = compile_graph(graph, backend)
     widest = max(info.size * int(np.prod(info.spatial)) for info in graph.infos)
-    block = max(1, MAP_BLOCK_ELEMENTS // max(widest, 1)) if any(info.spatial for info in graph.infos) else len(h)
+    maps = any(info.spatial for info in graph.infos)
+    block = max(1, MAP_BLOCK_ELEMENTS // max(widest, 1) if maps else len(h))
     outs = []
-    for start in range(0, max(len(h), 1), max(block, 1)):  # feature maps: rows in blocks, bounded memory
-        part = h[start : start + block] if block < len(h) else h
+    for start in range(0, max(len(h), 1), block):  # feature maps: rows in blocks, bounded memory
+        part = h[start : start + block]
         for kernel in kernels:
             part = kernel(part)
         outs.append(part)
