@@ -191,7 +191,7 @@ def test_nmp_learned_bits_are_bit_exact(make, recipe) -> None:
     assert len(set().union(*(layer.weight_bits for layer in graph.layers))) >= 3
 
 
-@pytest.mark.parametrize("fields", [{}, {"act": "uniform", "w_bits": 2}])
+@pytest.mark.parametrize("fields", [{}, {"act": "uniform", "w_bits": 2}, {"channel_scale": "absmean"}])
 @pytest.mark.parametrize("make", [_lenet, _cnn1d])
 def test_adq_codebooks_and_thresholds_are_bit_exact(make, fields) -> None:
     net = make()

@@ -26,6 +26,7 @@ CONFIGS = {
     "adq-uniform-act": dict(act="uniform", w_bits=4, a_bits=3),
     "adq-pinned-first-last": dict(pin_first_last=True, w_bits=2, a_bits=2),
     "adq-8bit-thresholds": dict(w_bits=3, a_bits=8),
+    "adq-channel-scale": dict(channel_scale="absmean", w_bits=2),
 }
 
 

@@ -10,6 +10,7 @@ from mpqat.quant.codebook import (
     CODEWORD_MAX,
     CodebookWeightQuantizer,
     assign,
+    assign_rows,
     codebook_fake_quant,
     initial_magnitudes,
     side_sizes,
@@ -190,6 +191,7 @@ def test_set_bits_keeps_state_dict_shapes_and_requires_a_new_init():
 @pytest.mark.parametrize(("kwargs", "fragment"), [
     ({"bits": 1}, "codebook index bits"), ({"bits": 9}, "codebook index bits"), ({"levels": "odd"}, "levels"),
     ({"decay": 1.0}, "decay"), ({"update_every": 0}, "update_every"), ({"init": "kmeans"}, "init"),
+    ({"channel_scale": "max"}, "channel_scale"),
 ])
 def test_bad_arguments_are_config_errors(kwargs, fragment):
     args = {"out_rows": 2, "fan_in": 2, "bits": 2, **kwargs}
@@ -211,3 +213,66 @@ def test_quantile_init_works_beyond_torch_quantile_size_limit():
     w = torch.linspace(-1, 1, 17_000_001)
     neg, pos = initial_magnitudes(w, 2)
     assert float(pos[0]) == pytest.approx(0.5, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ channel scale
+
+
+def _uneven_rows() -> torch.Tensor:
+    """One row at magnitudes 1e-3 .. 10 (what BatchNorm folding does to a conv's channels)."""
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(1, 50, generator=gen, dtype=torch.float64).repeat(6, 1)
+    return base * torch.tensor([1e-3, 1e-2, 0.1, 1.0, 3.0, 10.0], dtype=torch.float64).reshape(-1, 1)
+
+
+def test_a_per_layer_ternary_codebook_zeroes_small_rows_and_a_per_channel_one_does_not():
+    w = _uneven_rows()
+    layer = CodebookWeightQuantizer(6, 50, 2)
+    layer.initialize(w)
+    assert (layer.integer_codes(w)[:2] == 0).all()          # the small channels vanish
+    rows = CodebookWeightQuantizer(6, 50, 2, channel_scale="absmean")
+    rows.initialize(w)
+    codes = rows.integer_codes(w)
+    assert ((codes != 0).float().mean(dim=1) > 0.3).all()   # every channel keeps its sign pattern
+    # the same error relative to each row's size: the rows differ only by their scale
+    rel = ((rows(w) - w) ** 2).sum(1) / (w**2).sum(1)
+    assert float(rel.max() - rel.min()) < 1e-3 * float(rel.max())  # (the row scales are snapped to 16 bits)
+
+
+def test_channel_scale_forward_is_codes_times_dyadic_row_scales():
+    w = _uneven_rows()
+    q = CodebookWeightQuantizer(6, 50, 3, channel_scale="absmean")
+    q.initialize(w)
+    scale = q.scale()
+    assert scale.shape == (6, 1)
+    mult, exp = dyadic_parts(scale.reshape(-1))
+    assert torch.equal(torch.ldexp(mult.double(), -exp), scale.reshape(-1)) and int(mult.max()) < 2**16
+    assert torch.equal(q(w).detach(), q.integer_codes(w) * scale)
+    assert torch.equal(q.indices(w), assign_rows(w, q.codebook_int().double(), scale))
+    # a 4-D conv kernel is assigned row by row like its 2-D view
+    kernel = w.reshape(6, 2, 5, 5)
+    assert torch.equal(q.indices(kernel).reshape(6, -1), q.indices(w))
+    assert torch.equal(codebook_fake_quant(w, 3, channel_scale="absmean"), q(w).detach())
+
+
+def test_channel_scale_ema_follows_the_row_magnitudes():
+    w = _uneven_rows()
+    q = CodebookWeightQuantizer(6, 50, 2, decay=0.5, channel_scale="absmean")
+    q.initialize(w)
+    before = q.row_scale.clone()
+    q.ema_update(2 * w)                                    # every row doubles: r_o moves halfway
+    assert torch.allclose(q.row_scale, 1.5 * before)
+    q.freeze_codebook()
+    q.ema_update(4 * w)
+    assert torch.allclose(q.row_scale, 1.5 * before)       # frozen: the row scales stay too
+
+
+def test_old_checkpoints_without_row_scales_still_load():
+    q = CodebookWeightQuantizer(6, 50, 2)
+    q.initialize(_uneven_rows())
+    state = q.state_dict()
+    del state["row_scale"]
+    fresh = CodebookWeightQuantizer(6, 50, 2)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.row_scale, torch.ones(6, dtype=torch.float64))
+    assert torch.equal(fresh.levels(), q.levels())

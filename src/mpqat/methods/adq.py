@@ -59,7 +59,14 @@ from mpqat.methods.allocation import solve_allocation
 from mpqat.methods.base import AnalyseThenTrainHooks, is_quantizer_param, register_hooks
 from mpqat.methods.hawq import _positive, float_mode, measure_sensitivity, train_float
 from mpqat.nn.linear import QuantLinear
-from mpqat.quant.codebook import INIT_MODES, LEVEL_MODES, CodebookWeightQuantizer, check_codebook_bits, codebook_fake_quant
+from mpqat.quant.codebook import (
+    CHANNEL_SCALES,
+    INIT_MODES,
+    LEVEL_MODES,
+    CodebookWeightQuantizer,
+    check_codebook_bits,
+    codebook_fake_quant,
+)
 from mpqat.quant.n2uq import MAX_THRESHOLD_BITS, ThresholdActQuantizer
 from mpqat.quant.uniform import LSQWeightQuantizer, Pow2ActQuantizer
 from mpqat.quantize import LayerContext, layer_dims, make_quant_layer, register_quantizer
@@ -121,6 +128,7 @@ class ADQ(Recipe):
     kd_temperature: float = 1.0
     threshold_lr: float = 0.1
     seed: int | None = None
+    channel_scale: str = "none"
 
     def __post_init__(self) -> None:
         candidates = self.candidates if isinstance(self.candidates, tuple | list) else (self.candidates,)
@@ -148,6 +156,7 @@ class ADQ(Recipe):
         _choice("levels", self.levels, LEVEL_MODES)
         _choice("act", self.act, ACTS)
         _choice("init", self.init, INIT_MODES)
+        _choice("channel_scale", self.channel_scale, CHANNEL_SCALES)
         _choice("sensitivity", self.sensitivity, SENSITIVITIES)
         _choice("allocation", self.allocation, ALLOCATIONS)
         for name in ("ema", "reseed", "pin_first_last"):
@@ -175,6 +184,13 @@ class ADQ(Recipe):
         """Bit-widths of the sensitivity table's columns (the candidates)."""
         return self.candidates
 
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Recipe.to_dict`, without ``channel_scale`` at its default (older runs keep their fingerprints)."""
+        data = super().to_dict()
+        if data.get("channel_scale") == "none":
+            del data["channel_scale"]
+        return data
+
     def max_bits(self) -> int:
         """Largest codebook width any layer can get (sizes the codebook buffers)."""
         return max((*self.candidates, self.w_bits))
@@ -195,7 +211,7 @@ def _adq_layer(layer: nn.Module, ctx: LayerContext, recipe: ADQ) -> nn.Module:
         bits = max(recipe.candidates) if recipe.avg_bits is not None else recipe.w_bits
         weight_quant = CodebookWeightQuantizer(
             rows, fan_in, bits, levels=recipe.levels, decay=recipe.decay, update_every=recipe.update_every,
-            reseed=recipe.reseed, init=recipe.init, max_bits=recipe.max_bits(),
+            reseed=recipe.reseed, init=recipe.init, max_bits=recipe.max_bits(), channel_scale=recipe.channel_scale,
         )
     if ctx.is_first:
         act_quant: nn.Module = Pow2ActQuantizer(features, recipe.input_bits, signed=not ctx.input_after_relu)
@@ -260,7 +276,8 @@ def avg_bit_costs(layers: dict[str, nn.Module], candidates: tuple[int, ...]) -> 
 
 def sensitivity_quantizer(recipe: ADQ) -> functools.partial:
     """``Q_b``: the freshly initialised codebook at ``b`` bits, as the sensitivity measure uses it."""
-    return functools.partial(codebook_fake_quant, levels=recipe.levels, init=recipe.init)
+    return functools.partial(codebook_fake_quant, levels=recipe.levels, init=recipe.init,
+                             channel_scale=recipe.channel_scale)
 
 
 def plan_bits(model: nn.Module, recipe: ADQ, train: ArrayPair, valid: ArrayPair, generator: torch.Generator) -> Plan:

@@ -32,6 +32,17 @@ dyadic layer scale ``s = snap_mantissa(max_k c_k / 2047)`` (16-bit mantissa) and
 ``scale() = s`` follow the weight-quantizer contract of :class:`~mpqat.nn.QuantLinear` and the
 integer graph stays exact. ``bits()`` is the *index* width ``b``: what each weight costs in storage.
 
+**Per-channel scale (ours, ``channel_scale="absmean"``)**: one codebook per layer describes the
+*shape* of the weight distribution, but after BatchNorm folding the output channels of a conv
+differ in magnitude by an order of magnitude or more, and a shared ternary codebook then zeroes
+whole small channels. With ``"absmean"`` every output row ``o`` has a magnitude ``r_o`` (its
+``mean|w|``, set at initialisation and followed by the same EMA as the levels), the codebook is
+built, assigned and adapted on the normalised weights ``w / r_o``, and row ``o`` uses the levels
+``C_k * S_o`` with the dyadic row scale ``S_o = snap_mantissa(r_o * s)``. The stored model is still
+one b-bit index per weight and one integer codebook per layer, plus one scale per row (as for a
+per-channel uniform quantizer; the N2UQ weight quantizer that ADQ replaces is per-channel too).
+``"none"`` (the default) is the per-layer codebook of METHODS §2.2.
+
 Example:
     >>> import torch
     >>> q = CodebookWeightQuantizer(out_rows=4, fan_in=8, bits=2)
@@ -58,6 +69,7 @@ CODEWORD_BITS = 12
 CODEWORD_MAX = 2 ** (CODEWORD_BITS - 1) - 1
 LEVEL_MODES = ("symmetric", "full")
 INIT_MODES = ("quantile", "uniform")
+CHANNEL_SCALES = ("none", "absmean")
 #: Supported index widths.
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -191,20 +203,66 @@ def assign(weight: torch.Tensor, codes: torch.Tensor, s: torch.Tensor) -> torch.
     return torch.bucketize(weight.detach().to(torch.float64), mids, right=True)
 
 
+def row_absmean(weight: torch.Tensor) -> torch.Tensor:
+    """``mean|w|`` of every output row (first dimension), float64 ``[rows]``; an all-zero row gets 1.
+
+    Example:
+        >>> row_absmean(torch.tensor([[1.0, -3.0], [0.0, 0.0]])).tolist()
+        [2.0, 1.0]
+    """
+    mean = weight.detach().reshape(weight.shape[0], -1).to(torch.float64).abs().mean(dim=1)
+    return torch.where(mean > 0, mean, torch.ones_like(mean))
+
+
+def row_scales(row_scale: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Dyadic per-row scales ``S_o = snap_mantissa(r_o * s)`` as ``[rows, 1]`` (float64)."""
+    return snap_mantissa(row_scale.to(torch.float64).reshape(-1, 1) * s.to(torch.float64))
+
+
+def assign_rows(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level ``codes[i] * scales[o]`` for every weight of row ``o`` (ties up).
+
+    ``weight`` has its rows first (any trailing shape); ``scales`` is ``[rows, 1]``. Compares the
+    row-normalised weights with the codewords' integer mid-points (float64), memory ``O(numel)``.
+
+    Example:
+        >>> assign_rows(torch.tensor([[0.2, 0.6], [2.0, 6.0]]), torch.tensor([-1.0, 0.0, 1.0]),
+        ...             torch.tensor([[1.0], [10.0]])).tolist()
+        [[1, 2], [1, 2]]
+    """
+    w = weight.detach().to(torch.float64).reshape(weight.shape[0], -1) / scales
+    mids = (codes[:-1] + codes[1:]) / 2
+    return torch.bucketize(w, mids, right=True).reshape(weight.shape)
+
+
 def codebook_fake_quant(weight: torch.Tensor, bits: int, levels: str = "symmetric",
-                        init: str = "quantile") -> torch.Tensor:
+                        init: str = "quantile", channel_scale: str = "none") -> torch.Tensor:
     """``weight`` quantized by a freshly initialised codebook at ``bits`` (for sensitivity analysis).
+
+    ``channel_scale="absmean"``: the codebook of the row-normalised weights, each row at its own
+    scale (see the module docstring).
 
     Example:
         >>> w = torch.tensor([[-1.0, -0.2, 0.1, 0.9]])
         >>> codebook_fake_quant(w, 2).abs().unique().numel()     # ternary: {0, c}
         2
     """
-    neg, pos = initial_magnitudes(weight, bits, levels, init)
-    table = full_levels(strictly_increasing(neg), strictly_increasing(pos))
-    codes, s = snap_levels(table)
-    idx = assign(weight, codes, s)
-    return (codes[idx] * s).to(weight.dtype).reshape(weight.shape)
+    if channel_scale == "none":
+        neg, pos = initial_magnitudes(weight, bits, levels, init)
+        table = full_levels(strictly_increasing(neg), strictly_increasing(pos))
+        codes, s = snap_levels(table)
+        idx = assign(weight, codes, s)
+        return (codes[idx] * s).to(weight.dtype).reshape(weight.shape)
+    if channel_scale not in CHANNEL_SCALES:
+        raise ConfigError(f"channel_scale={channel_scale!r} is not supported: choose {' or '.join(CHANNEL_SCALES)}")
+    rows = weight.shape[0]
+    r = row_absmean(weight)
+    normalised = weight.detach().to(torch.float64).reshape(rows, -1) / r.reshape(-1, 1)
+    neg, pos = initial_magnitudes(normalised, bits, levels, init)
+    codes, s = snap_levels(full_levels(strictly_increasing(neg), strictly_increasing(pos)))
+    scales = row_scales(r, s)
+    idx = assign_rows(weight, codes, scales)
+    return (codes[idx].reshape(rows, -1) * scales).to(weight.dtype).reshape(weight.shape)
 
 
 class CodebookWeightQuantizer(nn.Module):
@@ -212,11 +270,12 @@ class CodebookWeightQuantizer(nn.Module):
 
     ``max_bits`` sizes the buffers, so that :meth:`set_bits` can change the width (up to it) without
     changing the ``state_dict`` shapes. ``dead_count``: a level whose EMA count falls below it is dead.
+    ``channel_scale``: ``"none"`` (one scale per layer) or ``"absmean"`` (one per output row).
     """
 
     def __init__(self, out_rows: int, fan_in: int, bits: int, levels: str = "symmetric", decay: float = 0.99,
                  update_every: int = 1, reseed: bool = True, init: str = "quantile", max_bits: int | None = None,
-                 dead_count: float = 0.5) -> None:
+                 dead_count: float = 0.5, channel_scale: str = "none") -> None:
         super().__init__()
         check_codebook_bits("bits", bits)
         max_bits = bits if max_bits is None else max_bits
@@ -229,13 +288,17 @@ class CodebookWeightQuantizer(nn.Module):
             raise ConfigError(f"init={init!r} is not supported: choose quantile or uniform")
         if not 0.0 <= decay < 1.0:
             raise ConfigError(f"decay={decay!r} must be in [0, 1)")
+        if channel_scale not in CHANNEL_SCALES:
+            raise ConfigError(f"channel_scale={channel_scale!r} is not supported: choose {' or '.join(CHANNEL_SCALES)}")
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ConfigError(f"update_every={update_every!r} must be an integer >= 1")
         self.out_rows, self.fan_in = out_rows, fan_in
         self.level_mode, self.init_mode = levels, init
         self.decay, self.update_every, self.reseed, self.dead_count = float(decay), update_every, bool(reseed), dead_count
         self.max_bits = max_bits
-        self.per_neuron = False  # one scale per layer (mpqat.cost counts one 32-bit scale)
+        self.channel_scale = channel_scale
+        # one scale per layer, or per row with channel_scale (mpqat.cost counts 32 bits per scale)
+        self.per_neuron = channel_scale != "none"
         size = 2 ** (max_bits - 1)
         self.register_buffer("bit_widths", torch.full((1, 1), float(bits)))
         for side in ("pos", "neg"):
@@ -243,6 +306,8 @@ class CodebookWeightQuantizer(nn.Module):
             self.register_buffer(f"{side}_count", torch.zeros(size, dtype=torch.float64))
             self.register_buffer(f"{side}_sum", torch.zeros(size, dtype=torch.float64))
         self.register_buffer("init_levels", torch.zeros(2 * size, dtype=torch.float64))
+        # r_o of channel_scale="absmean" (ones otherwise)
+        self.register_buffer("row_scale", torch.ones(out_rows, dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("reseeds", torch.zeros((), dtype=torch.int64))
         self.register_buffer("codebook_frozen", torch.tensor(False))
@@ -284,9 +349,26 @@ class CodebookWeightQuantizer(nn.Module):
         """Integer codewords ``C`` (int64, sorted), ``C[offset] == 0``."""
         return self._table()[0].to(torch.int64)
 
+    def _scales(self, s: torch.Tensor) -> torch.Tensor:
+        """The dyadic scale of every row given the codebook scale ``s``: ``[1, 1]`` or ``[rows, 1]``."""
+        if self.channel_scale == "none":
+            return s.reshape(1, 1)
+        return row_scales(self.row_scale, s)
+
     def scale(self) -> torch.Tensor:
-        """The dyadic layer scale ``s`` as ``[1, 1]`` (float64, exact)."""
-        return self._table()[1].reshape(1, 1)
+        """The dyadic layer scale ``s`` as ``[1, 1]``, or the row scales ``S_o`` as ``[rows, 1]``
+        with ``channel_scale`` (float64, exact)."""
+        return self._scales(self._table()[1])
+
+    def normalised(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weights in the codebook's own units (float64, rows first): ``w`` itself, or ``w * s / S_o``
+        with ``channel_scale`` (so that the nearest level of this value is the assigned one)."""
+        w = weight.detach().to(torch.float64)
+        if self.channel_scale == "none":
+            return w
+        codes, s = self._table()
+        rows = w.shape[0]
+        return (w.reshape(rows, -1) * (s / self._scales(s))).reshape(w.shape)
 
     def bits(self) -> torch.Tensor:
         """Index bits per layer, shape ``[1]`` (the storage cost of one weight)."""
@@ -302,21 +384,32 @@ class CodebookWeightQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ quantization
 
+    def _assign(self, weight: torch.Tensor, codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if self.channel_scale == "none":
+            return assign(weight, codes, s)
+        return assign_rows(weight, codes, self._scales(s))
+
     def indices(self, weight: torch.Tensor) -> torch.Tensor:
-        """Level index (0 .. n_levels-1) of every weight, same shape (nearest level, float64 compare)."""
+        """Level index (0 .. n_levels-1) of every weight, same shape (nearest level, float64 compare).
+        With ``channel_scale`` the weight's first dimension is its output row."""
         codes, s = self._table()
-        return assign(weight, codes, s)
+        return self._assign(weight, codes, s)
 
     def integer_codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codewords ``C[idx]`` of the weights (float-valued, no gradient)."""
         codes, s = self._table()
-        return codes[assign(weight, codes, s)].to(weight.dtype)
+        return codes[self._assign(weight, codes, s)].to(weight.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training and not bool(self.initialized):
             self.initialize(weight)
         codes, s = self._table()
-        w_q = (codes[assign(weight, codes, s)] * s).to(weight.dtype)
+        if self.channel_scale == "none":
+            w_q = (codes[assign(weight, codes, s)] * s).to(weight.dtype)
+        else:
+            rows = weight.shape[0]
+            picked = codes[self._assign(weight, codes, s)].reshape(rows, -1)
+            w_q = (picked * self._scales(s)).to(weight.dtype).reshape(weight.shape)
         return weight + (w_q - weight).detach()
 
     # ------------------------------------------------------------------ state changes
@@ -358,10 +451,20 @@ class CodebookWeightQuantizer(nn.Module):
         self.init_levels[: lv.numel()] = lv
         self.initialized.fill_(True)
 
+    def _row_normalised(self, weight: torch.Tensor) -> torch.Tensor:
+        """``w / r_o`` (float64, rows first) with ``channel_scale``, else ``weight`` itself."""
+        if self.channel_scale == "none":
+            return weight
+        w = weight.detach().to(torch.float64)
+        return (w.reshape(w.shape[0], -1) / self.row_scale.reshape(-1, 1)).reshape(w.shape)
+
     @torch.no_grad()
     def initialize(self, weight: torch.Tensor) -> None:
-        """(Re)initialise the codebook from ``weight`` (quantile or uniform init, as configured)."""
-        neg, pos = initial_magnitudes(weight, self.index_bits, self.level_mode, self.init_mode)
+        """(Re)initialise the codebook (and the row magnitudes) from ``weight`` (quantile or uniform
+        init, as configured)."""
+        if self.channel_scale != "none":
+            self.row_scale.copy_(row_absmean(weight))
+        neg, pos = initial_magnitudes(self._row_normalised(weight), self.index_bits, self.level_mode, self.init_mode)
         self.set_magnitudes(neg, pos, weight)
         self.steps.zero_()
         self.reseeds.zero_()
@@ -371,8 +474,8 @@ class CodebookWeightQuantizer(nn.Module):
 
         ``"symmetric"`` pools both signs into the ``pos`` side.
         """
-        w = weight.detach().reshape(-1).to(torch.float64)
-        rel = self.indices(w) - self.index_offset()
+        rel = (self.indices(weight) - self.index_offset()).reshape(-1)
+        w = self.normalised(weight).reshape(-1)
         k_neg, k_pos = self.sizes()
         mag = w.abs()
 
@@ -398,6 +501,8 @@ class CodebookWeightQuantizer(nn.Module):
         if int(self.steps) % self.update_every:
             return False
         g = self.decay
+        if self.channel_scale != "none":  # the row magnitudes follow the weights like the levels do
+            self.row_scale.mul_(g).add_((1 - g) * row_absmean(weight))
         fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         for side, (n, m) in self._assignment_stats(weight).items():
             k = n.numel()
@@ -409,7 +514,7 @@ class CodebookWeightQuantizer(nn.Module):
             dead = count < self.dead_count
             if self.reseed and bool(dead.any()):
                 if fresh is None:
-                    fresh = initial_magnitudes(weight, self.index_bits, self.level_mode, "quantile")
+                    fresh = initial_magnitudes(self._row_normalised(weight), self.index_bits, self.level_mode, "quantile")
                 q = fresh[1] if side == "pos" else fresh[0]
                 c = torch.where(dead, q, c)
                 count[dead] = 1.0
@@ -440,4 +545,9 @@ class CodebookWeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"bits={self.index_bits}, levels={self.level_mode}, init={self.init_mode}, decay={self.decay}, "
-                f"update_every={self.update_every}, reseed={self.reseed}")
+                f"update_every={self.update_every}, reseed={self.reseed}, channel_scale={self.channel_scale}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # checkpoints written before row_scale existed: per-layer codebooks, every row magnitude 1
+        state_dict.setdefault(prefix + "row_scale", torch.ones_like(self.row_scale))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
