@@ -24,7 +24,7 @@ from mpqat.methods.adq import (
     teacher_logits,
 )
 from mpqat.methods.allocation import brute_force_allocation, solve_allocation
-from mpqat.methods.hawq import float_mode
+from mpqat.methods.hawq import float_mode, train_float
 from mpqat.methods.sensitivity import TraceEstimate, hessian_omega, quant_error
 from mpqat.quant.codebook import CodebookWeightQuantizer, codebook_fake_quant
 from mpqat.quant.n2uq import ThresholdActQuantizer
@@ -69,7 +69,6 @@ def test_recipe_round_trips_and_has_hooks():
         ({"freeze_codebook_last": 1.5}, "freeze_codebook_last"),
         ({"update_every": 0}, "update_every"),
         ({"kd": -1}, "kd"),
-        ({"kd": 1.0, "fp_epochs": 0}, "teacher"),
         ({"a_bits": 12}, "too many"),
         ({"avg_bitz": 3}, "unknown key"),
     ],
@@ -224,6 +223,25 @@ def test_knowledge_distillation_uses_the_fp_phase_teacher():
     z = torch.randn(4, 3)
     assert float(kd_loss(z, z, 3.0)) == 0.0 and float(kd_loss(z, -z, 1.0)) > 0
     del logits
+
+
+def test_kd_without_an_fp_phase_distils_from_the_model_as_received_and_refuses_an_untrained_one():
+    X, y = _data()
+    recipe = ADQ(w_bits=2, fp_epochs=0, kd=1.0)
+    model = _model(recipe)
+    hooks = hooks_for(recipe)
+    hooks.on_fit_start(model, (X, y), (X, np.zeros_like(y)))  # nothing beats the majority class here
+    with pytest.raises(ConfigError, match="needs a trained teacher.*pretrain"):
+        hooks.on_epoch_start(model, 0, 3)
+    train_float(model, (X, y), (X, y), 30, 1e-2, 64, torch.Generator().manual_seed(0))  # "pretrained"
+    hooks = hooks_for(recipe)
+    hooks.on_fit_start(model, (X, y), (X, y))
+    hooks.on_epoch_start(model, 0, 3)
+    x = torch.from_numpy(X[:16])
+    model.eval()
+    with torch.no_grad(), float_mode(model):
+        fp_now = model(x)
+    assert torch.equal(teacher_logits(model, x), fp_now)
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from mpqat.cost import model_cost
 from mpqat.errors import ConfigError
@@ -19,6 +21,7 @@ from mpqat.methods.hawq import (
     prepare,
     train_float,
 )
+from mpqat.quantize import quantize
 from mpqat.recipes import recipe_from_dict
 from mpqat.train import TrainConfig
 from toys import toy_data, toy_model, train_until_killed
@@ -200,3 +203,13 @@ def test_cli_trains_hawq_with_a_budget(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["avg_weight_bits"] <= 3.0 and metrics["method"] == "hawq"
+
+
+def test_float_mode_blocks_nest():
+    q = quantize(nn.Sequential(nn.Linear(3, 2)), HessianILP())
+    x = torch.randn(4, 3)
+    with float_mode(q):
+        with float_mode(q):
+            pass
+        assert torch.equal(q(x), F.linear(x, q[0].weight, q[0].bias))  # still float after the inner block
+    assert "forward" not in q[0].__dict__

@@ -25,8 +25,10 @@ or ours is listed in ``docs/adq.md``. The parts:
    :class:`~mpqat.quant.n2uq.ThresholdActQuantizer` at ``a_bits`` (threshold parameters at
    ``threshold_lr * lr``, N2UQ's lr/10); the model input keeps the uniform 8-bit quantizer;
 6. **KD** (``kd > 0``, off by default): ``kd * T^2 * KL(teacher || student)`` at temperature
-   ``kd_temperature``; the teacher is the model at the end of the FP phase, kept in buffers so a
-   resumed run distils from the same teacher.
+   ``kd_temperature``; the teacher is the float model at the end of the FP phase (with
+   ``fp_epochs: 0``, the model as ADQ receives it, e.g. after the trainer's float pretraining),
+   kept in buffers so a resumed run distils from the same teacher. Without an FP phase, a model no
+   better than the majority class is refused as a teacher.
 
 Phases 1-4 run inside :meth:`ADQHooks.on_epoch_start` of epoch 0 of a fresh run (as HAWQ), so every
 trainer epoch is a QAT epoch and the first checkpoint already holds the bits and codebooks.
@@ -175,8 +177,6 @@ class ADQ(Recipe):
             _positive(name, getattr(self, name))
         if self.fp_lr is not None:
             _positive("fp_lr", self.fp_lr)
-        if self.kd > 0 and self.fp_epochs == 0:
-            raise ConfigError("kd > 0 needs a trained teacher: set fp_epochs > 0 (the teacher is the model after the FP phase)")
         if self.seed is not None:
             _positive("seed", self.seed, integer=True, allow_zero=True)
 
@@ -309,6 +309,17 @@ def _check_model(model: nn.Module) -> None:
                           "there is no codebook layer; set pin_first_last=false")
 
 
+def _check_teacher(accuracy: float, y_valid: np.ndarray) -> None:
+    """Refuse to distil from a model ADQ received (no FP phase) that is no better than always
+    predicting the most frequent class: an untrained model, not a teacher."""
+    labels = np.asarray(y_valid)
+    majority = float(np.bincount(labels.astype(np.int64)).max()) / len(labels) if len(labels) else 0.0
+    if not accuracy > majority:
+        raise ConfigError(f"kd > 0 needs a trained teacher: the float model as ADQ received it (fp_epochs: 0) has "
+                          f"validation accuracy {accuracy:.3f}, no better than the majority class ({majority:.3f}); "
+                          "pretrain it first (mpqat train --pretrain-epochs N) or set fp_epochs > 0")
+
+
 @torch.no_grad()
 def _record(model: nn.Module, recipe: ADQ, plan: Plan, info: list[float]) -> None:
     for i, (name, layer) in enumerate(codebook_layers(model).items()):
@@ -347,6 +358,8 @@ def prepare(model: nn.Module, recipe: ADQ, train: ArrayPair, valid: ArrayPair,
     fp_lr = recipe.fp_lr if recipe.fp_lr is not None else lr
     fp = train_float(model, train, valid, recipe.fp_epochs, fp_lr, recipe.fp_batch_size, generator,
                      recipe.fp_patience)
+    if recipe.kd > 0 and recipe.fp_epochs == 0:
+        _check_teacher(fp.valid_accuracy, valid[1])
     plan = plan_bits(model, recipe, train, valid, generator)
     _record(model, recipe, plan, [plan.sensitivity_seconds, plan.solve_seconds, fp.valid_accuracy, fp.best_epoch])
     return plan

@@ -209,7 +209,7 @@ def float_mode(model: nn.Module) -> Iterator[nn.Module]:
     patched = []
     for module in model.modules():
         fn = _FLOAT_FORWARD.get(type(module))
-        if fn is not None:
+        if fn is not None and "forward" not in module.__dict__:  # not already patched by an outer block
             module.forward = functools.partial(fn, module)
             patched.append(module)
     try:
