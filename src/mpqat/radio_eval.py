@@ -6,7 +6,7 @@ features; these helpers group a model's test predictions by that SNR: the usual 
 
 Example::
 
-    >>> curve = accuracy_by_snr("runs/rf-tdla-nmp")           # a run directory (or a model + splits)
+    >>> curve = accuracy_by_snr("runs/rf-tdla-nmp")           # a run directory (or a model + splits)  # doctest: +SKIP
     >>> curve.accuracy[-1], curve.snr_db[-1]                  # doctest: +SKIP
     (0.62, 20.0)
     >>> plot_accuracy_vs_snr({"fp32": curve}, "acc_vs_snr.png", title="rf-tdla")  # doctest: +SKIP

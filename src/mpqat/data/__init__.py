@@ -30,10 +30,10 @@ Preprocessing (details in ``preprocess.py`` and ``tabular.py``):
 
 Example::
 
-    >>> from mpqat.data import fetch, load_dataset
-    >>> fetch("telco-churn")
-    >>> ds = load_dataset("telco-churn", seed=0)
-    >>> ds.X_train.shape, ds.class_names
+    >>> from mpqat.data import fetch, load_dataset  # doctest: +SKIP
+    >>> fetch("telco-churn")  # doctest: +SKIP
+    >>> ds = load_dataset("telco-churn", seed=0)  # doctest: +SKIP
+    >>> ds.X_train.shape, ds.class_names  # doctest: +SKIP
     ((4225, 40), ['No', 'Yes'])
 """
 

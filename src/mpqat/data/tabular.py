@@ -80,10 +80,10 @@ def load_dataset(
 
     Example::
 
-        >>> ds = load_dataset("adult", seed=1, max_rows=2000)
-        >>> ds.X_train.dtype, ds.y_train.dtype, ds.class_names
+        >>> ds = load_dataset("adult", seed=1, max_rows=2000)  # doctest: +SKIP
+        >>> ds.X_train.dtype, ds.y_train.dtype, ds.class_names  # doctest: +SKIP
         (dtype('float32'), dtype('int64'), ['<=50K', '>50K'])
-        >>> ds = load_dataset("my_customers.csv", target="churned")
+        >>> ds = load_dataset("my_customers.csv", target="churned")  # doctest: +SKIP
     """
     fractions = check_split(split)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -155,8 +155,8 @@ def load_frame(
 
     Example::
 
-        >>> frame, target = load_frame("telco-churn")
-        >>> frame[target].value_counts().to_dict()
+        >>> frame, target = load_frame("telco-churn")  # doctest: +SKIP
+        >>> frame[target].value_counts().to_dict()  # doctest: +SKIP
         {'No': 5174, 'Yes': 1869}
     """
     _, frame, column, _, _ = _read(name_or_path, target)
