@@ -191,7 +191,7 @@ def test_set_bits_keeps_state_dict_shapes_and_requires_a_new_init():
 @pytest.mark.parametrize(("kwargs", "fragment"), [
     ({"bits": 1}, "codebook index bits"), ({"bits": 9}, "codebook index bits"), ({"levels": "odd"}, "levels"),
     ({"decay": 1.0}, "decay"), ({"update_every": 0}, "update_every"), ({"init": "kmeans"}, "init"),
-    ({"channel_scale": "max"}, "channel_scale"),
+    ({"channel_scale": "max"}, "channel_scale"), ({"ste": "soft"}, "ste"),
 ])
 def test_bad_arguments_are_config_errors(kwargs, fragment):
     args = {"out_rows": 2, "fan_in": 2, "bits": 2, **kwargs}
@@ -276,3 +276,17 @@ def test_old_checkpoints_without_row_scales_still_load():
     fresh.load_state_dict(state)
     assert torch.equal(fresh.row_scale, torch.ones(6, dtype=torch.float64))
     assert torch.equal(fresh.levels(), q.levels())
+
+
+def test_clipped_ste_stops_the_gradient_half_a_gap_beyond_the_outermost_levels():
+    w = torch.tensor([[-3.0, -0.1, 0.2, 1.0], [0.5, -0.6, 2.5, 0.05]], requires_grad=True)
+    identity = CodebookWeightQuantizer(2, 4, 2)
+    clipped = CodebookWeightQuantizer(2, 4, 2, ste="clipped")
+    identity.initialize(w)
+    clipped.initialize(w)
+    c = float(clipped.levels()[-1])                      # ternary {-c, 0, c}: the bound is 1.5 c
+    y = clipped(w)
+    assert torch.equal(y.detach(), identity(w).detach())  # the same forward
+    y.sum().backward()
+    assert torch.equal(w.grad, (w.detach().abs() <= 1.5 * c).float())
+    assert 0 < float(w.grad.sum()) < w.numel()

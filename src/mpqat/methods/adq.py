@@ -65,6 +65,7 @@ from mpqat.quant.codebook import (
     CHANNEL_SCALES,
     INIT_MODES,
     LEVEL_MODES,
+    STE_MODES,
     CodebookWeightQuantizer,
     check_codebook_bits,
     codebook_fake_quant,
@@ -131,6 +132,7 @@ class ADQ(Recipe):
     threshold_lr: float = 0.1
     seed: int | None = None
     channel_scale: str = "none"
+    ste: str = "identity"
 
     def __post_init__(self) -> None:
         candidates = self.candidates if isinstance(self.candidates, tuple | list) else (self.candidates,)
@@ -159,6 +161,7 @@ class ADQ(Recipe):
         _choice("act", self.act, ACTS)
         _choice("init", self.init, INIT_MODES)
         _choice("channel_scale", self.channel_scale, CHANNEL_SCALES)
+        _choice("ste", self.ste, STE_MODES)
         _choice("sensitivity", self.sensitivity, SENSITIVITIES)
         _choice("allocation", self.allocation, ALLOCATIONS)
         for name in ("ema", "reseed", "pin_first_last"):
@@ -185,10 +188,12 @@ class ADQ(Recipe):
         return self.candidates
 
     def to_dict(self) -> dict[str, Any]:
-        """As :meth:`Recipe.to_dict`, without ``channel_scale`` at its default (older runs keep their fingerprints)."""
+        """As :meth:`Recipe.to_dict`, without ``channel_scale`` and ``ste`` at their defaults (older runs keep
+        their fingerprints)."""
         data = super().to_dict()
-        if data.get("channel_scale") == "none":
-            del data["channel_scale"]
+        for name, default in (("channel_scale", "none"), ("ste", "identity")):
+            if data.get(name) == default:
+                del data[name]
         return data
 
     def max_bits(self) -> int:
@@ -212,6 +217,7 @@ def _adq_layer(layer: nn.Module, ctx: LayerContext, recipe: ADQ) -> nn.Module:
         weight_quant = CodebookWeightQuantizer(
             rows, fan_in, bits, levels=recipe.levels, decay=recipe.decay, update_every=recipe.update_every,
             reseed=recipe.reseed, init=recipe.init, max_bits=recipe.max_bits(), channel_scale=recipe.channel_scale,
+            ste=recipe.ste,
         )
     if ctx.is_first:
         act_quant: nn.Module = Pow2ActQuantizer(features, recipe.input_bits, signed=not ctx.input_after_relu)

@@ -70,6 +70,7 @@ CODEWORD_MAX = 2 ** (CODEWORD_BITS - 1) - 1
 LEVEL_MODES = ("symmetric", "full")
 INIT_MODES = ("quantile", "uniform")
 CHANNEL_SCALES = ("none", "absmean")
+STE_MODES = ("identity", "clipped")
 #: Supported index widths.
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -271,11 +272,13 @@ class CodebookWeightQuantizer(nn.Module):
     ``max_bits`` sizes the buffers, so that :meth:`set_bits` can change the width (up to it) without
     changing the ``state_dict`` shapes. ``dead_count``: a level whose EMA count falls below it is dead.
     ``channel_scale``: ``"none"`` (one scale per layer) or ``"absmean"`` (one per output row).
+    ``ste``: ``"identity"`` (every latent weight gets its gradient) or ``"clipped"`` (none beyond
+    half a gap outside the outermost levels, the range where LSQ's straight-through estimator stops).
     """
 
     def __init__(self, out_rows: int, fan_in: int, bits: int, levels: str = "symmetric", decay: float = 0.99,
                  update_every: int = 1, reseed: bool = True, init: str = "quantile", max_bits: int | None = None,
-                 dead_count: float = 0.5, channel_scale: str = "none") -> None:
+                 dead_count: float = 0.5, channel_scale: str = "none", ste: str = "identity") -> None:
         super().__init__()
         check_codebook_bits("bits", bits)
         max_bits = bits if max_bits is None else max_bits
@@ -292,6 +295,9 @@ class CodebookWeightQuantizer(nn.Module):
             raise ConfigError(f"channel_scale={channel_scale!r} is not supported: choose {' or '.join(CHANNEL_SCALES)}")
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ConfigError(f"update_every={update_every!r} must be an integer >= 1")
+        if ste not in STE_MODES:
+            raise ConfigError(f"ste={ste!r} is not supported: choose {' or '.join(STE_MODES)}")
+        self.ste = ste
         self.out_rows, self.fan_in = out_rows, fan_in
         self.level_mode, self.init_mode = levels, init
         self.decay, self.update_every, self.reseed, self.dead_count = float(decay), update_every, bool(reseed), dead_count
@@ -410,7 +416,18 @@ class CodebookWeightQuantizer(nn.Module):
             rows = weight.shape[0]
             picked = codes[self._assign(weight, codes, s)].reshape(rows, -1)
             w_q = (picked * self._scales(s)).to(weight.dtype).reshape(weight.shape)
+        if self.ste == "clipped" and codes.numel() > 1:
+            inside = self._in_range(weight, codes, s)
+            return weight * inside + (w_q - weight * inside).detach()
         return weight + (w_q - weight).detach()
+
+    def _in_range(self, weight: torch.Tensor, codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """1 where a weight lies within half a gap of the outermost levels (the clipped STE's mask), else 0."""
+        lo = (codes[0] - (codes[1] - codes[0]) / 2).item()
+        hi = (codes[-1] + (codes[-1] - codes[-2]) / 2).item()
+        rows = weight.shape[0]
+        u = (weight.detach().to(torch.float64).reshape(rows, -1) / self._scales(s)).reshape(weight.shape)
+        return ((u >= lo) & (u <= hi)).to(weight.dtype)
 
     # ------------------------------------------------------------------ state changes
 
@@ -545,7 +562,7 @@ class CodebookWeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"bits={self.index_bits}, levels={self.level_mode}, init={self.init_mode}, decay={self.decay}, "
-                f"update_every={self.update_every}, reseed={self.reseed}, channel_scale={self.channel_scale}")
+                f"update_every={self.update_every}, reseed={self.reseed}, channel_scale={self.channel_scale}, ste={self.ste}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         # checkpoints written before row_scale existed: per-layer codebooks, every row magnitude 1
