@@ -34,8 +34,7 @@ integer graph stays exact. ``bits()`` is the *index* width ``b``: what each weig
 
 **Per-channel scale (ours, ``channel_scale="absmean"``)**: one codebook per layer describes the
 *shape* of the weight distribution, but after BatchNorm folding the output channels of a conv
-differ in magnitude by an order of magnitude or more, and a shared ternary codebook then zeroes
-whole small channels. With ``"absmean"`` every output row ``o`` has a magnitude ``r_o`` (its
+can differ much in magnitude, and a shared ternary codebook then rounds whole small channels to zero. With ``"absmean"`` every output row ``o`` has a magnitude ``r_o`` (its
 ``mean|w|``, set at initialisation and followed by the same EMA as the levels), the codebook is
 built, assigned and adapted on the normalised weights ``w / r_o``, and row ``o`` uses the levels
 ``C_k * S_o`` with the dyadic row scale ``S_o = snap_mantissa(r_o * s)``. The stored model is still
