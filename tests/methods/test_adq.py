@@ -199,17 +199,28 @@ def test_threshold_parameters_get_their_own_learning_rate():
     assert groups["quantizers"]["lr"] == 1e-3
 
 
+def _prepared(recipe: ADQ, model: nn.Module, train, valid):
+    """The recipe's hooks after ADQ's analysis ran on ``model`` (epoch 0 of a fresh run)."""
+    hooks = hooks_for(recipe)
+    hooks.on_fit_start(model, train, valid)
+    hooks.on_epoch_start(model, 0, 3)
+    return hooks
+
+
+def _float_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode logits of the latent float weights (what the KD teacher should reproduce)."""
+    model.eval()
+    with torch.no_grad(), float_mode(model):
+        return model(x)
+
+
 def test_knowledge_distillation_uses_the_fp_phase_teacher():
     X, y = _data()
     recipe = ADQ(w_bits=2, fp_epochs=2, kd=1.0, kd_temperature=2.0)
     model = _model(recipe)
-    hooks = hooks_for(recipe)
-    hooks.on_fit_start(model, (X, y), (X, y))
-    hooks.on_epoch_start(model, 0, 3)
+    hooks = _prepared(recipe, model, (X, y), (X, y))
     x = torch.from_numpy(X[:16])
-    model.eval()
-    with torch.no_grad(), float_mode(model):
-        fp_now = model(x)
+    fp_now = _float_logits(model, x)
     assert torch.equal(teacher_logits(model, x), fp_now)  # weights still equal to the FP phase's
     model.train()
     with torch.no_grad():
@@ -234,13 +245,9 @@ def test_kd_without_an_fp_phase_distils_from_the_model_as_received_and_refuses_a
     with pytest.raises(ConfigError, match="needs a trained teacher.*pretrain"):
         hooks.on_epoch_start(model, 0, 3)
     train_float(model, (X, y), (X, y), 30, 1e-2, 64, torch.Generator().manual_seed(0))  # "pretrained"
-    hooks = hooks_for(recipe)
-    hooks.on_fit_start(model, (X, y), (X, y))
-    hooks.on_epoch_start(model, 0, 3)
+    _prepared(recipe, model, (X, y), (X, y))
     x = torch.from_numpy(X[:16])
-    model.eval()
-    with torch.no_grad(), float_mode(model):
-        fp_now = model(x)
+    fp_now = _float_logits(model, x)
     assert torch.equal(teacher_logits(model, x), fp_now)
 
 
