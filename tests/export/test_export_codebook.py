@@ -27,6 +27,8 @@ CONFIGS = {
     "adq-pinned-first-last": dict(pin_first_last=True, w_bits=2, a_bits=2),
     "adq-8bit-thresholds": dict(w_bits=3, a_bits=8),
     "adq-channel-scale": dict(channel_scale="absmean", w_bits=2),
+    "adq-learned-levels": dict(level_grad=True, ema=False, w_bits=3),
+    "adq-learned-levels-full-cs-ema": dict(level_grad=True, levels="full", channel_scale="absmean", w_bits=2),
 }
 
 
@@ -63,6 +65,16 @@ def test_engine_matches_the_adq_model_bit_for_bit(name, tmp_path):
     path = tmp_path / "m.mpq"
     graph.save(path)
     assert np.array_equal(IntegerGraph.load(path).run(x), expected)
+
+
+def test_learned_levels_export_their_trained_codebook():
+    model = adq_model(level_grad=True, ema=False, w_bits=2)
+    graph = export(model, torch.randn(4, 12))
+    for node, layer in zip(graph.linear_layers(), codebook_layers(model).values(), strict=True):
+        q = layer.weight_quant
+        assert q.drift() > 0                                   # the loss moved the levels (no EMA here)
+        assert np.array_equal(node.codebook, q.codebook_int().numpy())
+        assert np.array_equal(node.weight, q.integer_codes(layer.weight.double()).numpy())
 
 
 def test_nodes_store_indices_and_codebooks_at_the_index_width():

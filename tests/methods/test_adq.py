@@ -50,6 +50,17 @@ def test_recipe_round_trips_and_has_hooks():
     assert isinstance(hooks_for(r), ADQHooks)
 
 
+def test_level_grad_round_trips_and_is_left_out_at_its_default():
+    r = recipe_from_dict({"method": "adq", "avg_bits": 2.8, "level_grad": True, "ema": False})
+    assert r.level_grad is True and r.to_dict()["level_grad"] is True
+    assert recipe_from_dict(r.to_dict()) == r
+    default = ADQ(avg_bits=2.8)
+    assert "level_grad" not in default.to_dict() and recipe_from_dict(default.to_dict()) == default
+    # the fingerprint of a default recipe (what the benchmark cache keys on) is unchanged
+    assert set(default.to_dict()) == {"method", *(f for f in ADQ.__dataclass_fields__
+                                                 if f not in ("channel_scale", "ste", "level_grad"))}
+
+
 @pytest.mark.parametrize(
     ("fields", "fragment"),
     [
@@ -71,6 +82,8 @@ def test_recipe_round_trips_and_has_hooks():
         ({"kd": -1}, "kd"),
         ({"a_bits": 12}, "too many"),
         ({"avg_bitz": 3}, "unknown key"),
+        ({"level_grad": "yes"}, "level_grad"),
+        ({"level_grad": 1}, "level_grad=1 must be true or false"),
     ],
 )
 def test_bad_recipes_are_config_errors(fields, fragment):
@@ -190,6 +203,46 @@ def test_no_ema_keeps_the_initial_codebook():
     hooks = hooks_for(recipe)
     fit(model, (X, y), (X, y), TrainConfig(epochs=2, batch_size=50, progress=False), hooks)
     assert all(m.weight_quant.drift() == 0.0 for m in codebook_layers(model).values())
+
+
+def test_learned_levels_train_in_the_quantizer_group_and_stay_sorted():
+    X, y = _data()
+    recipe = ADQ(w_bits=2, fp_epochs=1, ema=False, level_grad=True, freeze_codebook_last=0.25)
+    model = _model(recipe)
+    hooks = hooks_for(recipe)
+    groups = {g["name"]: g for g in hooks.param_groups(model, 1e-3, 0.01)}
+    levels = [m.weight_quant.pos_levels for m in codebook_layers(model).values()]
+    assert all(any(p is lv for p in groups["quantizers"]["params"]) for lv in levels)
+    assert groups["quantizers"]["weight_decay"] == 0.0
+    snapshots = []
+    original = hooks.epoch_log
+
+    def log(m):
+        snapshots.append([q.weight_quant.levels().clone() for q in codebook_layers(m).values()])
+        return original(m)
+
+    hooks.epoch_log = log
+    fit(model, (X, y), (X, y), TrainConfig(epochs=4, batch_size=50, lr=1e-2, progress=False, patience=10), hooks)
+    quants = [m.weight_quant for m in codebook_layers(model).values()]
+    assert all(q.drift() > 0 for q in quants)                 # moved by the loss alone (EMA off)
+    for q in quants:
+        mags = q.magnitudes()[1]
+        assert bool((mags > 0).all()) and torch.equal(q.magnitudes()[0], mags)
+    for before, after in zip(snapshots[2], snapshots[3], strict=True):
+        assert torch.equal(before, after)                      # frozen in the last epoch: no level gradient
+
+
+def test_resume_with_learned_levels_gives_the_same_run(tmp_path, monkeypatch):
+    import mpqat.runs as runs
+
+    recipe = ADQ(w_bits=2, fp_epochs=1, level_grad=True)
+    full = runs.train_run("breast-cancer", recipe, tmp_path / "full", config=_cfg(3))
+    train_until_killed(monkeypatch, "breast-cancer", recipe, tmp_path / "cut", _cfg(3), at_epoch=1)
+    resumed = runs.train_run("breast-cancer", recipe, tmp_path / "cut", config=_cfg(3), resume=True)
+    assert resumed["resumed_from_epoch"] == 1
+    assert resumed["recipe"]["level_grad"] is True and full["codebook_drift"]["0"] > 0
+    for key in ("test_accuracy", "codebooks", "codebook_int"):
+        assert resumed[key] == full[key], key
 
 
 def test_threshold_parameters_get_their_own_learning_rate():

@@ -191,7 +191,7 @@ def test_set_bits_keeps_state_dict_shapes_and_requires_a_new_init():
 @pytest.mark.parametrize(("kwargs", "fragment"), [
     ({"bits": 1}, "codebook index bits"), ({"bits": 9}, "codebook index bits"), ({"levels": "odd"}, "levels"),
     ({"decay": 1.0}, "decay"), ({"update_every": 0}, "update_every"), ({"init": "kmeans"}, "init"),
-    ({"channel_scale": "max"}, "channel_scale"), ({"ste": "soft"}, "ste"),
+    ({"channel_scale": "max"}, "channel_scale"), ({"ste": "soft"}, "ste"), ({"level_grad": "yes"}, "level_grad"),
 ])
 def test_bad_arguments_are_config_errors(kwargs, fragment):
     args = {"out_rows": 2, "fan_in": 2, "bits": 2, **kwargs}
@@ -290,3 +290,142 @@ def test_clipped_ste_stops_the_gradient_half_a_gap_beyond_the_outermost_levels()
     y.sum().backward()
     assert torch.equal(w.grad, (w.detach().abs() <= 1.5 * c).float())
     assert 0 < float(w.grad.sum()) < w.numel()
+
+
+# ------------------------------------------------------------------------------------------ learned levels
+
+
+def _learned(rows: int, fan_in: int, bits: int, pos, neg=None, **kwargs) -> CodebookWeightQuantizer:
+    q = CodebookWeightQuantizer(rows, fan_in, bits, level_grad=True, **kwargs)
+    pos = torch.tensor(pos, dtype=torch.float64)
+    q.set_magnitudes(pos if neg is None else torch.tensor(neg, dtype=torch.float64), pos)
+    return q
+
+
+def test_ternary_level_gradient_is_the_signed_sum_of_the_output_gradients_by_hand():
+    w = torch.tensor([[-0.9, -0.2, 0.1, 0.6], [0.8, -0.7, 0.05, 1.2]], requires_grad=True)
+    u = torch.tensor([[0.3, 5.0, -7.0, -0.5], [2.0, 0.25, 9.0, -1.0]])      # dL/dw_q of L = sum(u * w_q)
+    q = _learned(2, 4, 2, [0.5])                                             # {-0.5, 0, 0.5}, mid-points +-0.25
+    y = q(w)
+    plain = CodebookWeightQuantizer(2, 4, 2)
+    plain.set_magnitudes(torch.tensor([0.5]), torch.tensor([0.5]))
+    assert torch.equal(y.detach(), plain(w).detach())                        # the same forward values
+    (u * y).sum().backward()
+    # at +c: 0.6, 0.8, 1.2 -> -0.5 + 2.0 - 1.0; at -c: -0.9, -0.7 -> 0.3 + 0.25; zero: the rest
+    by_hand = ((-0.5 + 2.0 - 1.0) - (0.3 + 0.25)) / math.sqrt(8 * 1)        # LSQ scale 1/sqrt(numel * Q), Q = 1
+    assert q.pos_levels.grad[0].item() == pytest.approx(by_hand, rel=1e-6)       # (u is float32)
+    assert torch.equal(q.pos_levels.grad[1:], torch.zeros_like(q.pos_levels.grad[1:]))  # unused slots
+    assert torch.equal(w.grad, u)                                            # the weights keep the identity STE
+    assert not isinstance(q.neg_levels, torch.nn.Parameter)                  # symmetric: one set of magnitudes
+
+
+def test_multi_level_gradients_per_level_full_layout_and_channel_scale():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 16, generator=gen, dtype=torch.float64) * torch.tensor([[0.5], [1.0], [2.0], [4.0]],
+                                                                              dtype=torch.float64)
+    u = torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    cases = [
+        (dict(bits=3), [0.3, 0.9, 1.8], None),
+        (dict(bits=3, levels="full"), [0.4, 1.0, 2.0], [0.2, 0.7, 1.4, 2.5]),
+        (dict(bits=3, channel_scale="absmean"), [0.3, 0.9, 1.8], None),
+    ]
+    for kwargs, pos, neg in cases:
+        bits = kwargs.pop("bits")
+        q = CodebookWeightQuantizer(4, 16, bits, level_grad=True, **kwargs)
+        q.initialize(w)                                                      # row magnitudes for absmean
+        pos_t = torch.tensor(pos, dtype=torch.float64)
+        q.set_magnitudes(pos_t if neg is None else torch.tensor(neg, dtype=torch.float64), pos_t)
+        (u * q(w)).sum().backward()
+        rel = q.indices(w) - q.index_offset()                                # signed level rank of every weight
+        r = q.row_scale.reshape(-1, 1) if kwargs.get("channel_scale") else torch.ones(4, 1, dtype=torch.float64)
+        g = 1 / math.sqrt(64 * 3)
+        k_neg, k_pos = q.sizes()
+        expect_pos = [float((u * r)[rel == j].sum()) * g for j in range(1, k_pos + 1)]
+        expect_neg = [-float((u * r)[rel == -j].sum()) * g for j in range(1, k_neg + 1)]
+        if neg is None:                                                      # symmetric: both signs pooled
+            expect_pos = [a + b for a, b in zip(expect_pos, expect_neg, strict=True)]
+        else:
+            assert q.neg_levels.grad[:k_neg].tolist() == pytest.approx(expect_neg, rel=1e-9)
+        assert q.pos_levels.grad[:k_pos].tolist() == pytest.approx(expect_pos, rel=1e-9), kwargs
+        assert all((rel == j).any() for j in range(-k_neg, k_pos + 1))      # every level is used here
+
+
+def test_learned_levels_grow_on_a_task_that_wants_a_larger_level():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=gen)
+    q = CodebookWeightQuantizer(32, 64, 2, level_grad=True)
+    q.initialize(w)                                                          # quantile init: median |w| ~ 0.67
+    start = float(q.levels()[-1])
+    opt = torch.optim.Adam([q.pos_levels], lr=0.02)
+    for _ in range(300):                                                     # the task: reproduce 1.5 w
+        loss = ((q(w) - 1.5 * w) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        q.project_levels()
+    end = float(q.levels()[-1])
+    assert end > 1.5 * start
+    # near the least-squares level of its own assignment: mean |1.5 w| over the weights assigned to +-c
+    picked = q.indices(w) != q.index_offset()
+    assert end == pytest.approx(float(1.5 * w[picked].abs().mean()), rel=0.05)
+
+
+def test_frozen_or_eval_codebooks_get_no_level_gradient():
+    w = torch.randn(3, 5, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    q = _learned(3, 5, 2, [0.5])
+    q.freeze_codebook()
+    q(w).sum().backward()
+    assert q.pos_levels.grad is None and w.grad is not None
+    q.freeze_codebook(False)
+    with torch.no_grad():
+        q(w)
+    q.eval()
+    assert torch.equal(q(w).detach(), (q.integer_codes(w) * q.scale()).float())
+
+
+def test_project_levels_sorts_keeps_positive_and_leaves_valid_levels_alone():
+    q = _learned(1, 8, 3, [0.2, 0.5, 1.0])
+    before = q.levels().clone()
+    assert not q.project_levels() and torch.equal(q.levels(), before)       # valid: untouched, bit for bit
+    with torch.no_grad():
+        q.pos_levels[:3] = torch.tensor([0.7, -0.1, 0.4], dtype=torch.float64)
+        q.pos_count[:3] = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert q.project_levels()
+    mags = q.magnitudes()[1]
+    assert bool((mags > 0).all()) and bool((mags[1:] > mags[:-1]).all())
+    assert mags[1:].tolist() == [0.4, 0.7] and q.pos_count[:3].tolist() == [2.0, 3.0, 1.0]  # counts follow
+    assert torch.equal(q.neg_levels[:3], q.pos_levels[:3].detach())          # mirrored
+    full = _learned(1, 8, 2, [0.5], neg=[0.3, 0.9], levels="full")
+    with torch.no_grad():
+        full.neg_levels[:2] = torch.tensor([1.2, 0.6], dtype=torch.float64)
+    assert full.project_levels() and full.levels().tolist() == [-1.2, -0.6, 0.0, 0.5]
+
+
+def test_ema_on_learned_levels_pulls_from_the_current_levels():
+    w = torch.tensor([[0.6, -0.8, 0.05, 1.0]], dtype=torch.float64)
+    q = _learned(1, 4, 2, [0.5], decay=0.5)
+    q.set_magnitudes(torch.tensor([0.5]), torch.tensor([0.5]), w)           # counts: 3 weights at +-c, sum 1.5
+    with torch.no_grad():
+        q.pos_levels[0] = 0.7                                                # a gradient step moved c
+    q.project_levels()
+    q.ema_update(w)
+    # N = .5*3 + .5*3 = 3, M = .5*(0.7*3) + .5*(0.6+0.8+1.0) -> c = (1.05 + 1.2) / 3
+    assert q.levels()[-1].item() == pytest.approx((1.05 + 1.2) / 3, rel=1e-12)
+    plain = CodebookWeightQuantizer(1, 4, 2, decay=0.5)                      # without level_grad: from 0.5
+    plain.set_magnitudes(torch.tensor([0.5]), torch.tensor([0.5]), w)
+    plain.ema_update(w)
+    assert plain.levels()[-1].item() == pytest.approx((0.75 + 1.2) / 3, rel=1e-12)
+
+
+def test_learned_levels_keep_the_state_dict_keys_and_load_older_checkpoints():
+    w = _uneven_rows()
+    old = CodebookWeightQuantizer(6, 50, 3)
+    old.initialize(w)
+    learned = CodebookWeightQuantizer(6, 50, 3, level_grad=True)
+    assert isinstance(learned.pos_levels, torch.nn.Parameter)
+    assert set(learned.state_dict()) == set(old.state_dict())                  # parameters replace buffers, same keys
+    learned.load_state_dict(old.state_dict())                                # a checkpoint from before level_grad
+    assert torch.equal(learned.levels(), old.levels()) and isinstance(learned.pos_levels, torch.nn.Parameter)
+    back = CodebookWeightQuantizer(6, 50, 3)
+    back.load_state_dict(learned.state_dict())
+    assert torch.equal(back.levels(), old.levels())

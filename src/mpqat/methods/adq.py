@@ -20,7 +20,10 @@ or ours is listed in ``docs/adq.md``. The parts:
 4. **codebooks**: each layer's :class:`~mpqat.quant.codebook.CodebookWeightQuantizer` is
    initialised from its (pretrained) weights at its width, then QAT with the one trainer, the
    codebooks following the weights by EMA after every optimizer step (``ema``, ``decay``,
-   ``update_every``, ``reseed``), frozen for the last ``freeze_codebook_last`` of the epochs;
+   ``update_every``, ``reseed``), frozen for the last ``freeze_codebook_last`` of the epochs.
+   ``level_grad`` (ours, off by default; a deviation from METHODS' "no gradient to the codebook"):
+   the level magnitudes also learn from the task loss, LSQ-style, in the optimizer's ``quantizers``
+   group, projected back to sorted positive magnitudes after every step, before the EMA (if on);
 5. **activations** (``act="n2uq"``): every post-ReLU input uses
    :class:`~mpqat.quant.n2uq.ThresholdActQuantizer` at ``a_bits`` (threshold parameters at
    ``threshold_lr * lr``, N2UQ's lr/10); the model input keeps the uniform 8-bit quantizer;
@@ -100,6 +103,10 @@ class ADQ(Recipe):
     Example:
         >>> ADQ(act="uniform", init="uniform", ema=False, allocation="uniform").method   # every ablation off
         'adq'
+        >>> ADQ(avg_bits=2.8, level_grad=True, ema=False).to_dict()["level_grad"]   # levels learned from the loss
+        True
+        >>> "level_grad" in ADQ(avg_bits=2.8).to_dict()                              # left out at its default
+        False
     """
 
     method: ClassVar[str] = "adq"
@@ -133,6 +140,7 @@ class ADQ(Recipe):
     seed: int | None = None
     channel_scale: str = "none"
     ste: str = "identity"
+    level_grad: bool = False
 
     def __post_init__(self) -> None:
         candidates = self.candidates if isinstance(self.candidates, tuple | list) else (self.candidates,)
@@ -164,7 +172,7 @@ class ADQ(Recipe):
         _choice("ste", self.ste, STE_MODES)
         _choice("sensitivity", self.sensitivity, SENSITIVITIES)
         _choice("allocation", self.allocation, ALLOCATIONS)
-        for name in ("ema", "reseed", "pin_first_last"):
+        for name in ("ema", "reseed", "pin_first_last", "level_grad"):
             _flag(name, getattr(self, name))
         if isinstance(self.decay, bool) or not isinstance(self.decay, int | float) or not 0 <= self.decay < 1:
             raise ConfigError(f"decay={self.decay!r} must be a number in [0, 1)")
@@ -188,10 +196,10 @@ class ADQ(Recipe):
         return self.candidates
 
     def to_dict(self) -> dict[str, Any]:
-        """As :meth:`Recipe.to_dict`, without ``channel_scale`` and ``ste`` at their defaults (older runs keep
-        their fingerprints)."""
+        """As :meth:`Recipe.to_dict`, without ``channel_scale``, ``ste`` and ``level_grad`` at their defaults
+        (older runs keep their fingerprints)."""
         data = super().to_dict()
-        for name, default in (("channel_scale", "none"), ("ste", "identity")):
+        for name, default in (("channel_scale", "none"), ("ste", "identity"), ("level_grad", False)):
             if data.get(name) == default:
                 del data[name]
         return data
@@ -217,7 +225,7 @@ def _adq_layer(layer: nn.Module, ctx: LayerContext, recipe: ADQ) -> nn.Module:
         weight_quant = CodebookWeightQuantizer(
             rows, fan_in, bits, levels=recipe.levels, decay=recipe.decay, update_every=recipe.update_every,
             reseed=recipe.reseed, init=recipe.init, max_bits=recipe.max_bits(), channel_scale=recipe.channel_scale,
-            ste=recipe.ste,
+            ste=recipe.ste, level_grad=recipe.level_grad,
         )
     if ctx.is_first:
         act_quant: nn.Module = Pow2ActQuantizer(features, recipe.input_bits, signed=not ctx.input_after_relu)
@@ -465,7 +473,8 @@ def adq_summary(model: nn.Module, recipe: ADQ) -> dict[str, Any]:
 
 @register_hooks(ADQ)
 class ADQHooks(AnalyseThenTrainHooks):
-    """Prepare at the start of epoch 0 (fresh runs), EMA after every step, freeze late, optional KD."""
+    """Prepare at the start of epoch 0 (fresh runs), level projection (``level_grad``) and EMA after every
+    step, freeze late, optional KD."""
 
     recipe: ADQ
 
@@ -477,7 +486,8 @@ class ADQHooks(AnalyseThenTrainHooks):
         self._lr = 1e-3  # the trainer's lr, seen in param_groups (the FP phase's default)
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Weights; quantizer steps (no decay); N2UQ thresholds at ``threshold_lr * lr`` (no decay)."""
+        """Weights; quantizer steps and learned codebook levels (no decay); N2UQ thresholds at
+        ``threshold_lr * lr`` (no decay)."""
         self._lr = lr
         weights, quant, thresholds = [], [], []
         for name, param in model.named_parameters():
@@ -523,10 +533,13 @@ class ADQHooks(AnalyseThenTrainHooks):
             layer.weight_quant.freeze_codebook(frozen)
 
     def after_step(self, model: nn.Module) -> None:
-        if not self.recipe.ema:
+        if not (self.recipe.ema or self.recipe.level_grad):
             return
         for layer in codebook_layers(model).values():
-            layer.weight_quant.ema_update(layer.weight)
+            if self.recipe.level_grad:  # the optimizer moved the levels: sorted, positive again
+                layer.weight_quant.project_levels()
+            if self.recipe.ema:
+                layer.weight_quant.ema_update(layer.weight)
 
     def extra_loss(self, model: nn.Module, epoch: int, step: int) -> torch.Tensor:
         if self.recipe.kd <= 0 or self._captured is None:

@@ -15,8 +15,20 @@ quantiles per side for ``"full"``). Quantiles come from one sort (no ``torch.qua
 
 **Assignment**: nearest level, found by ``torch.bucketize`` on the mid-points of the sorted levels
 (ties go up, like round-half-up), so no ``[numel, levels]`` tensor is ever built. The forward pass
-returns the assigned level with a straight-through gradient to the latent weight; the codebook
-itself gets no gradient.
+returns the assigned level with a straight-through gradient to the latent weight; by default the
+codebook itself gets no gradient (METHODS §2.2).
+
+**Learned levels (ours, ``level_grad=True``)**: the level magnitudes become parameters
+(``pos_levels``, and ``neg_levels`` for ``"full"``) that the task loss trains, LSQ-style: a weight
+assigned to level ``±c_j`` passes ``±dL/dw_q`` to ``c_j`` (times its row magnitude ``r_o`` with
+``channel_scale``), summed over the layer and multiplied by LSQ's gradient scale
+``1/sqrt(numel * Q)`` with ``Q = 2**(b-1) - 1``. The trainer's optimizer updates them (ADQ puts them
+in its ``quantizers`` group: the trainer's lr, no weight decay); :meth:`CodebookWeightQuantizer.project_levels`
+must follow every optimizer step (ADQ's ``after_step`` hook calls it) to keep the magnitudes sorted,
+strictly increasing and positive. The EMA may run as well (after the projection): it then blends
+the current, gradient-moved levels with the cell means, a pull towards the k-means centroids on top
+of the gradient. A frozen codebook gets no level gradient. The state-dict keys are the same as
+without ``level_grad`` (parameters instead of buffers), so checkpoints load either way.
 
 **Online adaptation** (:meth:`CodebookWeightQuantizer.ema_update`, METHODS §2.2(2), the VQ-VAE EMA
 k-means step): per magnitude ``k`` (both signs pooled for ``"symmetric"``), ``N_k <- g N_k + (1-g) n_k``,
@@ -51,6 +63,11 @@ Example:
     [-0.5161, 0.0, 0.5161]
     >>> q(w).detach().abs().unique().numel()             # ternary weights {-c, 0, c}
     2
+    >>> learned = CodebookWeightQuantizer(out_rows=4, fan_in=8, bits=2, level_grad=True)
+    >>> learned.initialize(w)
+    >>> learned(w).clamp(min=0).sum().backward()        # the levels get the loss's gradient, LSQ-style:
+    >>> round(learned.pos_levels.grad[0].item() * (32 * 1) ** 0.5, 6)   # 12 weights at +c, scaled by 1/sqrt(32*1)
+    12.0
 """
 
 from __future__ import annotations
@@ -61,7 +78,7 @@ import torch
 from torch import nn
 
 from mpqat.errors import ConfigError
-from mpqat.quant.functional import round_half_up, snap_mantissa
+from mpqat.quant.functional import grad_scale, round_half_up, snap_mantissa
 
 #: Signed width of the integer codewords ``C_k`` (``|C_k| <= 2**(CODEWORD_BITS-1) - 1 = 2047``).
 CODEWORD_BITS = 12
@@ -273,11 +290,14 @@ class CodebookWeightQuantizer(nn.Module):
     ``channel_scale``: ``"none"`` (one scale per layer) or ``"absmean"`` (one per output row).
     ``ste``: ``"identity"`` (every latent weight gets its gradient) or ``"clipped"`` (none beyond
     half a gap outside the outermost levels, the range where LSQ's straight-through estimator stops).
+    ``level_grad``: the level magnitudes are parameters trained by the task loss (see the module
+    docstring); call :meth:`project_levels` after every optimizer step.
     """
 
     def __init__(self, out_rows: int, fan_in: int, bits: int, levels: str = "symmetric", decay: float = 0.99,
                  update_every: int = 1, reseed: bool = True, init: str = "quantile", max_bits: int | None = None,
-                 dead_count: float = 0.5, channel_scale: str = "none", ste: str = "identity") -> None:
+                 dead_count: float = 0.5, channel_scale: str = "none", ste: str = "identity",
+                 level_grad: bool = False) -> None:
         super().__init__()
         check_codebook_bits("bits", bits)
         max_bits = bits if max_bits is None else max_bits
@@ -296,7 +316,10 @@ class CodebookWeightQuantizer(nn.Module):
             raise ConfigError(f"update_every={update_every!r} must be an integer >= 1")
         if ste not in STE_MODES:
             raise ConfigError(f"ste={ste!r} is not supported: choose {' or '.join(STE_MODES)}")
+        if not isinstance(level_grad, bool):
+            raise ConfigError(f"level_grad={level_grad!r} must be true or false")
         self.ste = ste
+        self.level_grad = level_grad
         self.out_rows, self.fan_in = out_rows, fan_in
         self.level_mode, self.init_mode = levels, init
         self.decay, self.update_every, self.reseed, self.dead_count = float(decay), update_every, bool(reseed), dead_count
@@ -307,7 +330,10 @@ class CodebookWeightQuantizer(nn.Module):
         size = 2 ** (max_bits - 1)
         self.register_buffer("bit_widths", torch.full((1, 1), float(bits)))
         for side in ("pos", "neg"):
-            self.register_buffer(f"{side}_levels", torch.zeros(size, dtype=torch.float64))
+            if self._learned_side(side):  # same state-dict key as the buffer it replaces
+                self.register_parameter(f"{side}_levels", nn.Parameter(torch.zeros(size, dtype=torch.float64)))
+            else:
+                self.register_buffer(f"{side}_levels", torch.zeros(size, dtype=torch.float64))
             self.register_buffer(f"{side}_count", torch.zeros(size, dtype=torch.float64))
             self.register_buffer(f"{side}_sum", torch.zeros(size, dtype=torch.float64))
         self.register_buffer("init_levels", torch.zeros(2 * size, dtype=torch.float64))
@@ -317,6 +343,11 @@ class CodebookWeightQuantizer(nn.Module):
         self.register_buffer("reseeds", torch.zeros((), dtype=torch.int64))
         self.register_buffer("codebook_frozen", torch.tensor(False))
         self.register_buffer("initialized", torch.tensor(False))
+
+    def _learned_side(self, side: str) -> bool:
+        """True when ``{side}_levels`` is a parameter: ``pos`` with ``level_grad``, ``neg`` too for ``"full"``
+        (a symmetric codebook's negative side mirrors the positive one)."""
+        return self.level_grad and (side == "pos" or self.level_mode == "full")
 
     # ------------------------------------------------------------------ widths and levels
 
@@ -339,9 +370,9 @@ class CodebookWeightQuantizer(nn.Module):
         return self.sizes()[0]
 
     def magnitudes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Current ``(negative, positive)`` magnitudes (float64, ascending, unsnapped)."""
+        """Current ``(negative, positive)`` magnitudes (float64, ascending, unsnapped, no gradient)."""
         k_neg, k_pos = self.sizes()
-        return self.neg_levels[:k_neg], self.pos_levels[:k_pos]
+        return self.neg_levels[:k_neg].detach(), self.pos_levels[:k_pos].detach()
 
     def levels(self) -> torch.Tensor:
         """The sorted float levels (unsnapped, float64), zero included."""
@@ -409,16 +440,39 @@ class CodebookWeightQuantizer(nn.Module):
         if self.training and not bool(self.initialized):
             self.initialize(weight)
         codes, s = self._table()
+        idx = self._assign(weight, codes, s)
         if self.channel_scale == "none":
-            w_q = (codes[assign(weight, codes, s)] * s).to(weight.dtype)
+            w_q = (codes[idx] * s).to(weight.dtype)
         else:
             rows = weight.shape[0]
-            picked = codes[self._assign(weight, codes, s)].reshape(rows, -1)
-            w_q = (picked * self._scales(s)).to(weight.dtype).reshape(weight.shape)
+            w_q = (codes[idx].reshape(rows, -1) * self._scales(s)).to(weight.dtype).reshape(weight.shape)
         if self.ste == "clipped" and codes.numel() > 1:
             inside = self._in_range(weight, codes, s)
-            return weight * inside + (w_q - weight * inside).detach()
-        return weight + (w_q - weight).detach()
+            out = weight * inside + (w_q - weight * inside).detach()
+        else:
+            out = weight + (w_q - weight).detach()
+        if self.level_grad and torch.is_grad_enabled() and not bool(self.codebook_frozen):
+            out = out + self._level_term(weight, idx)  # zero in value: only adds the levels' gradient
+        return out
+
+    def level_grad_scale(self) -> float:
+        """LSQ's gradient scale of the levels, ``1/sqrt(numel * Q)`` with ``Q = 2**(b-1) - 1`` (``numel``:
+        the weights sharing the codebook)."""
+        q = max(2 ** (self.index_bits - 1) - 1, 1)
+        return 1.0 / math.sqrt(self.out_rows * self.fan_in * q)
+
+    def _level_term(self, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``v - v.detach()`` with ``v`` the assigned level of every weight (in weight units): zero, with
+        ``d/dc_j = sum over the weights at +-c_j of +-r_o * dL/dw_q``, scaled by :meth:`level_grad_scale`."""
+        k_neg, k_pos = self.sizes()
+        pos = self.pos_levels[:k_pos]
+        neg = self.neg_levels[:k_neg] if self.level_mode == "full" else pos
+        table = grad_scale(full_levels(neg, pos), self.level_grad_scale())
+        picked = table[idx]
+        if self.channel_scale != "none":
+            rows = weight.shape[0]
+            picked = (picked.reshape(rows, -1) * self.row_scale.reshape(-1, 1)).reshape(weight.shape)
+        return (picked - picked.detach()).to(weight.dtype)
 
     def _in_range(self, weight: torch.Tensor, codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """1 where a weight lies within half a gap of the outermost levels (the clipped STE's mask), else 0."""
@@ -523,6 +577,8 @@ class CodebookWeightQuantizer(nn.Module):
         for side, (n, m) in self._assignment_stats(weight).items():
             k = n.numel()
             count, total, lv = (getattr(self, f"{side}_{x}")[:k] for x in ("count", "sum", "levels"))
+            if self.level_grad:  # the gradient moved the levels since the last update: blend from there
+                total.copy_(lv * count)
             count.mul_(g).add_((1 - g) * n)
             total.mul_(g).add_((1 - g) * m)
             alive = count > 1e-12
@@ -548,6 +604,43 @@ class CodebookWeightQuantizer(nn.Module):
         return True
 
     @torch.no_grad()
+    def project_levels(self) -> bool:
+        """After an optimizer step on learned levels: sort the magnitudes and keep them strictly
+        increasing and positive (as :func:`strictly_increasing`), mirror a symmetric codebook's negative
+        side. Levels that already are valid are left untouched (bit for bit). Returns True when it changed
+        something; does nothing without ``level_grad`` or before initialisation.
+
+        Example:
+            >>> q = CodebookWeightQuantizer(1, 4, 3, level_grad=True)
+            >>> q.set_magnitudes(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]))
+            >>> with torch.no_grad():
+            ...     q.pos_levels[:3] = torch.tensor([2.5, 1.0, 3.0], dtype=torch.float64)   # an optimizer step
+            >>> q.project_levels(), q.levels().tolist()
+            (True, [-3.0, -2.5, -1.0, 0.0, 1.0, 2.5, 3.0])
+        """
+        if not self.level_grad or not bool(self.initialized):
+            return False
+        changed = False
+        for side, k in zip(("neg", "pos"), self.sizes(), strict=True):
+            if not self._learned_side(side) or k == 0:
+                continue
+            lv = getattr(self, f"{side}_levels")[:k]
+            if bool((lv[0] > 0) & (lv[1:] > lv[:-1]).all()):
+                continue
+            order = torch.argsort(lv.detach())
+            count, total = (getattr(self, f"{side}_{x}")[:k] for x in ("count", "sum"))
+            count.copy_(count[order].clone())
+            total.copy_(total[order].clone())
+            lv.copy_(strictly_increasing(lv.detach()[order]))
+            changed = True
+        if self.level_mode == "symmetric":
+            k = self.sizes()[1]
+            self.neg_levels[:k] = self.pos_levels[:k]
+            self.neg_count[:k] = self.pos_count[:k]
+            self.neg_sum[:k] = self.pos_sum[:k]
+        return changed
+
+    @torch.no_grad()
     def freeze_codebook(self, frozen: bool = True) -> None:
         """Stop (or restart) the EMA adaptation."""
         self.codebook_frozen.fill_(bool(frozen))
@@ -561,7 +654,8 @@ class CodebookWeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"bits={self.index_bits}, levels={self.level_mode}, init={self.init_mode}, decay={self.decay}, "
-                f"update_every={self.update_every}, reseed={self.reseed}, channel_scale={self.channel_scale}, ste={self.ste}")
+                f"update_every={self.update_every}, reseed={self.reseed}, channel_scale={self.channel_scale}, ste={self.ste}"
+                + (", level_grad=True" if self.level_grad else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         # checkpoints written before row_scale existed: per-layer codebooks, every row magnitude 1
