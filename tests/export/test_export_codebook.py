@@ -29,6 +29,7 @@ CONFIGS = {
     "adq-channel-scale": dict(channel_scale="absmean", w_bits=2),
     "adq-learned-levels": dict(level_grad=True, ema=False, w_bits=3),
     "adq-learned-levels-full-cs-ema": dict(level_grad=True, levels="full", channel_scale="absmean", w_bits=2),
+    "adq-learned-levels-lsq": dict(level_grad=True, level_grad_mode="lsq", ema=False, w_bits=3),
 }
 
 

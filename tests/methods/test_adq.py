@@ -54,11 +54,15 @@ def test_level_grad_round_trips_and_is_left_out_at_its_default():
     r = recipe_from_dict({"method": "adq", "avg_bits": 2.8, "level_grad": True, "ema": False})
     assert r.level_grad is True and r.to_dict()["level_grad"] is True
     assert recipe_from_dict(r.to_dict()) == r
+    lsq = recipe_from_dict({"method": "adq", "level_grad": True, "level_grad_mode": "lsq"})
+    assert lsq.to_dict()["level_grad_mode"] == "lsq" and recipe_from_dict(lsq.to_dict()) == lsq
+    assert "level_grad_mode" not in r.to_dict()
     default = ADQ(avg_bits=2.8)
     assert "level_grad" not in default.to_dict() and recipe_from_dict(default.to_dict()) == default
     # the fingerprint of a default recipe (what the benchmark cache keys on) is unchanged
     assert set(default.to_dict()) == {"method", *(f for f in ADQ.__dataclass_fields__
-                                                 if f not in ("channel_scale", "ste", "level_grad"))}
+                                                 if f not in ("channel_scale", "ste", "level_grad",
+                                                              "level_grad_mode"))}
 
 
 @pytest.mark.parametrize(
@@ -84,6 +88,8 @@ def test_level_grad_round_trips_and_is_left_out_at_its_default():
         ({"avg_bitz": 3}, "unknown key"),
         ({"level_grad": "yes"}, "level_grad"),
         ({"level_grad": 1}, "level_grad=1 must be true or false"),
+        ({"level_grad": True, "level_grad_mode": "exact"}, "level_grad_mode"),
+        ({"level_grad_mode": "lsq"}, "needs level_grad: true"),
     ],
 )
 def test_bad_recipes_are_config_errors(fields, fragment):

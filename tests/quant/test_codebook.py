@@ -192,6 +192,7 @@ def test_set_bits_keeps_state_dict_shapes_and_requires_a_new_init():
     ({"bits": 1}, "codebook index bits"), ({"bits": 9}, "codebook index bits"), ({"levels": "odd"}, "levels"),
     ({"decay": 1.0}, "decay"), ({"update_every": 0}, "update_every"), ({"init": "kmeans"}, "init"),
     ({"channel_scale": "max"}, "channel_scale"), ({"ste": "soft"}, "ste"), ({"level_grad": "yes"}, "level_grad"),
+    ({"level_grad_mode": "exact"}, "level_grad_mode"),
 ])
 def test_bad_arguments_are_config_errors(kwargs, fragment):
     args = {"out_rows": 2, "fan_in": 2, "bits": 2, **kwargs}
@@ -348,6 +349,44 @@ def test_multi_level_gradients_per_level_full_layout_and_channel_scale():
             assert q.neg_levels.grad[:k_neg].tolist() == pytest.approx(expect_neg, rel=1e-9)
         assert q.pos_levels.grad[:k_pos].tolist() == pytest.approx(expect_pos, rel=1e-9), kwargs
         assert all((rel == j).any() for j in range(-k_neg, k_pos + 1))      # every level is used here
+
+
+def test_lsq_mode_on_a_ternary_codebook_is_lsqs_step_gradient():
+    w = torch.tensor([[-0.9, -0.2, 0.1, 0.6], [0.8, -0.7, 0.05, 1.2]], dtype=torch.float64)
+    u = torch.tensor([[0.3, 5.0, -7.0, -0.5], [2.0, 0.25, 9.0, -1.0]], dtype=torch.float64)
+    q = _learned(2, 4, 2, [0.5], level_grad_mode="lsq")
+    (u * q(w)).sum().backward()
+    c = 0.5
+    v = w / c                                          # LSQ: d w_q / d s = round(v) - v inside [-1, 1], sign(v) beyond
+    inside = v.abs() <= 1
+    lsq = torch.where(inside, torch.round(v) - v, torch.sign(v))
+    assert q.pos_levels.grad[0].item() == pytest.approx(float((u * lsq).sum()) / math.sqrt(8), rel=1e-12)
+    # by hand, c = 0.5: beyond c -> sign: -0.9 (-1 * 0.3), 0.6 (1 * -0.5), 0.8 (1 * 2), -0.7 (-1 * 0.25),
+    # 1.2 (1 * -1); zero cell -> -w/c: -0.2 (0.4 * 5), 0.1 (-0.2 * -7), 0.05 (-0.1 * 9)
+    by_hand = -0.3 - 0.5 + 2.0 - 0.25 - 1.0 + 2.0 + 1.4 - 0.9
+    assert q.pos_levels.grad[0].item() == pytest.approx(by_hand / math.sqrt(8), rel=1e-12)
+
+
+def test_lsq_mode_per_level_attribution_on_a_3_bit_codebook():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    u = torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    mags = [0.3, 0.9, 1.8]
+    q = _learned(4, 16, 3, mags, level_grad_mode="lsq")
+    (u * q(w)).sum().backward()
+    rel = (q.indices(w) - q.index_offset()).reshape(-1)
+    expect = [0.0, 0.0, 0.0]
+    for wi, ui, ri in zip(w.reshape(-1).tolist(), u.reshape(-1).tolist(), rel.tolist(), strict=True):
+        sign = 1.0 if wi >= 0 else -1.0
+        if ri == 0:
+            expect[0] += ui * (-wi / mags[0])                      # zero cell: -w / c_1
+        elif abs(wi) > mags[-1]:
+            expect[2] += ui * sign                                 # beyond the outermost level: sign
+        else:
+            expect[abs(ri) - 1] += ui * (sign - wi / mags[abs(ri) - 1])
+    g = 1 / math.sqrt(64 * 3)
+    assert q.pos_levels.grad[:3].tolist() == pytest.approx([e * g for e in expect], rel=1e-9)
+    assert (w.abs() > mags[-1]).any() and (rel == 0).any()
 
 
 def test_learned_levels_grow_on_a_task_that_wants_a_larger_level():

@@ -68,6 +68,7 @@ from mpqat.quant.codebook import (
     CHANNEL_SCALES,
     INIT_MODES,
     LEVEL_MODES,
+    LEVEL_GRAD_MODES,
     STE_MODES,
     CodebookWeightQuantizer,
     check_codebook_bits,
@@ -141,6 +142,7 @@ class ADQ(Recipe):
     channel_scale: str = "none"
     ste: str = "identity"
     level_grad: bool = False
+    level_grad_mode: str = "codeword"
 
     def __post_init__(self) -> None:
         candidates = self.candidates if isinstance(self.candidates, tuple | list) else (self.candidates,)
@@ -170,10 +172,14 @@ class ADQ(Recipe):
         _choice("init", self.init, INIT_MODES)
         _choice("channel_scale", self.channel_scale, CHANNEL_SCALES)
         _choice("ste", self.ste, STE_MODES)
+        _choice("level_grad_mode", self.level_grad_mode, LEVEL_GRAD_MODES)
         _choice("sensitivity", self.sensitivity, SENSITIVITIES)
         _choice("allocation", self.allocation, ALLOCATIONS)
         for name in ("ema", "reseed", "pin_first_last", "level_grad"):
             _flag(name, getattr(self, name))
+        if self.level_grad_mode != "codeword" and not self.level_grad:
+            raise ConfigError(f"level_grad_mode={self.level_grad_mode!r} needs level_grad: true (the levels get no "
+                              "gradient without it)")
         if isinstance(self.decay, bool) or not isinstance(self.decay, int | float) or not 0 <= self.decay < 1:
             raise ConfigError(f"decay={self.decay!r} must be a number in [0, 1)")
         fraction = self.freeze_codebook_last
@@ -196,10 +202,11 @@ class ADQ(Recipe):
         return self.candidates
 
     def to_dict(self) -> dict[str, Any]:
-        """As :meth:`Recipe.to_dict`, without ``channel_scale``, ``ste`` and ``level_grad`` at their defaults
-        (older runs keep their fingerprints)."""
+        """As :meth:`Recipe.to_dict`, without ``channel_scale``, ``ste``, ``level_grad`` and ``level_grad_mode``
+        at their defaults (older runs keep their fingerprints)."""
         data = super().to_dict()
-        for name, default in (("channel_scale", "none"), ("ste", "identity"), ("level_grad", False)):
+        for name, default in (("channel_scale", "none"), ("ste", "identity"), ("level_grad", False),
+                              ("level_grad_mode", "codeword")):
             if data.get(name) == default:
                 del data[name]
         return data
@@ -225,7 +232,7 @@ def _adq_layer(layer: nn.Module, ctx: LayerContext, recipe: ADQ) -> nn.Module:
         weight_quant = CodebookWeightQuantizer(
             rows, fan_in, bits, levels=recipe.levels, decay=recipe.decay, update_every=recipe.update_every,
             reseed=recipe.reseed, init=recipe.init, max_bits=recipe.max_bits(), channel_scale=recipe.channel_scale,
-            ste=recipe.ste, level_grad=recipe.level_grad,
+            ste=recipe.ste, level_grad=recipe.level_grad, level_grad_mode=recipe.level_grad_mode,
         )
     if ctx.is_first:
         act_quant: nn.Module = Pow2ActQuantizer(features, recipe.input_bits, signed=not ctx.input_after_relu)

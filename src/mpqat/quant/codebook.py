@@ -27,7 +27,11 @@ in its ``quantizers`` group: the trainer's lr, no weight decay); :meth:`Codebook
 must follow every optimizer step (ADQ's ``after_step`` hook calls it) to keep the magnitudes sorted,
 strictly increasing and positive. The EMA may run as well (after the projection): it then blends
 the current, gradient-moved levels with the cell means, a pull towards the k-means centroids on top
-of the gradient. A frozen codebook gets no level gradient. The state-dict keys are the same as
+of the gradient. A frozen codebook gets no level gradient. ``level_grad_mode="lsq"`` adds LSQ's
+rounding term: LSQ's ``dw_q/ds = round(w/s) - w/s`` becomes ``dw_q/dc_k = sign(w) - w/c_k`` for a weight
+within the outermost levels assigned to ``±c_k`` and ``-w/c_1`` (``c_1`` of its sign) for a weight
+assigned to zero; beyond the outermost level it stays ``sign(w)`` (LSQ's clipped range). For a
+ternary codebook this is exactly LSQ's step gradient with ``s = c``. The state-dict keys are the same as
 without ``level_grad`` (parameters instead of buffers), so checkpoints load either way.
 
 **Online adaptation** (:meth:`CodebookWeightQuantizer.ema_update`, METHODS §2.2(2), the VQ-VAE EMA
@@ -87,6 +91,7 @@ LEVEL_MODES = ("symmetric", "full")
 INIT_MODES = ("quantile", "uniform")
 CHANNEL_SCALES = ("none", "absmean")
 STE_MODES = ("identity", "clipped")
+LEVEL_GRAD_MODES = ("codeword", "lsq")
 #: Supported index widths.
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -291,13 +296,15 @@ class CodebookWeightQuantizer(nn.Module):
     ``ste``: ``"identity"`` (every latent weight gets its gradient) or ``"clipped"`` (none beyond
     half a gap outside the outermost levels, the range where LSQ's straight-through estimator stops).
     ``level_grad``: the level magnitudes are parameters trained by the task loss (see the module
-    docstring); call :meth:`project_levels` after every optimizer step.
+    docstring); call :meth:`project_levels` after every optimizer step. ``level_grad_mode``:
+    ``"codeword"`` (each level gets the summed gradient of its weights) or ``"lsq"`` (plus LSQ's
+    rounding term).
     """
 
     def __init__(self, out_rows: int, fan_in: int, bits: int, levels: str = "symmetric", decay: float = 0.99,
                  update_every: int = 1, reseed: bool = True, init: str = "quantile", max_bits: int | None = None,
                  dead_count: float = 0.5, channel_scale: str = "none", ste: str = "identity",
-                 level_grad: bool = False) -> None:
+                 level_grad: bool = False, level_grad_mode: str = "codeword") -> None:
         super().__init__()
         check_codebook_bits("bits", bits)
         max_bits = bits if max_bits is None else max_bits
@@ -318,8 +325,11 @@ class CodebookWeightQuantizer(nn.Module):
             raise ConfigError(f"ste={ste!r} is not supported: choose {' or '.join(STE_MODES)}")
         if not isinstance(level_grad, bool):
             raise ConfigError(f"level_grad={level_grad!r} must be true or false")
+        if level_grad_mode not in LEVEL_GRAD_MODES:
+            raise ConfigError(f"level_grad_mode={level_grad_mode!r} is not supported: choose {' or '.join(LEVEL_GRAD_MODES)}")
         self.ste = ste
         self.level_grad = level_grad
+        self.level_grad_mode = level_grad_mode
         self.out_rows, self.fan_in = out_rows, fan_in
         self.level_mode, self.init_mode = levels, init
         self.decay, self.update_every, self.reseed, self.dead_count = float(decay), update_every, bool(reseed), dead_count
@@ -469,6 +479,14 @@ class CodebookWeightQuantizer(nn.Module):
         neg = self.neg_levels[:k_neg] if self.level_mode == "full" else pos
         table = grad_scale(full_levels(neg, pos), self.level_grad_scale())
         picked = table[idx]
+        if self.level_grad_mode == "lsq":  # LSQ's -w/s term: -w/c of the weight's own level (c_1 of its sign at 0)
+            w_n = self._row_normalised(weight.detach()).to(torch.float64)
+            off = self.index_offset()
+            own = torch.where(idx == off, torch.where(w_n >= 0, off + 1, off - 1), idx)
+            outside = (w_n > table[-1].detach()) | (w_n < table[0].detach())
+            own_level = table[own]
+            extra = -w_n * (own_level / own_level.detach())
+            picked = picked + torch.where(outside, torch.zeros_like(extra), extra)
         if self.channel_scale != "none":
             rows = weight.shape[0]
             picked = (picked.reshape(rows, -1) * self.row_scale.reshape(-1, 1)).reshape(weight.shape)
@@ -655,7 +673,7 @@ class CodebookWeightQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return (f"bits={self.index_bits}, levels={self.level_mode}, init={self.init_mode}, decay={self.decay}, "
                 f"update_every={self.update_every}, reseed={self.reseed}, channel_scale={self.channel_scale}, ste={self.ste}"
-                + (", level_grad=True" if self.level_grad else ""))
+                + (f", level_grad=True, level_grad_mode={self.level_grad_mode}" if self.level_grad else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         # checkpoints written before row_scale existed: per-layer codebooks, every row magnitude 1
