@@ -221,7 +221,8 @@ def fit(
                 factor = lr_factor(config.lr_schedule, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
-            loss = task + hooks.extra_loss(model, epoch, step)
+            extra = hooks.extra_loss(model, epoch, step)
+            loss = task if extra is None else task + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

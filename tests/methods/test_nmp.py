@@ -131,7 +131,8 @@ def _multi_task_layer(recipe, seed, steps=600, lr=1e-2):
     for step in range(steps):
         idx = torch.randint(0, n, (256,), generator=g)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx]), y[idx])
-        loss = loss + hooks.extra_loss(model, 0, step)
+        extra = hooks.extra_loss(model, 0, step)
+        loss = loss if extra is None else loss + extra
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -102,7 +102,9 @@ def _timed_steps(model: nn.Module, X: np.ndarray, y: np.ndarray, hooks: Any, bat
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         if hooks is not None:
-            loss = loss + hooks.extra_loss(model, 0, i)
+            extra = hooks.extra_loss(model, 0, i)
+            if extra is not None:
+                loss = loss + extra
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -50,8 +50,9 @@ class MethodHooks:
         """Called once when fit starts (fresh or resumed), before any epoch, with the training and
         validation arrays; for methods that need data (calibration, sensitivity analysis)."""
 
-    def extra_loss(self, model: nn.Module, epoch: int, step: int) -> torch.Tensor:
-        """A term added to the task loss (e.g. a bit-cost regularizer)."""
+    def extra_loss(self, model: nn.Module, epoch: int, step: int) -> torch.Tensor | None:
+        """A term added to the task loss (e.g. a bit-cost regularizer); a method may return None when it
+        adds nothing (callers then skip the addition)."""
         return torch.zeros(())
 
     def on_epoch_start(self, model: nn.Module, epoch: int, total_epochs: int) -> None:

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -250,16 +251,25 @@ class NeuronBitsHooks(MethodHooks):
             if quant.strength is not None:
                 quant.strength.requires_grad_(learning)
 
-    def extra_loss(self, model: nn.Module, epoch: int, step: int) -> torch.Tensor:
-        """``coefficient * expected cost`` (zero unless ``reg`` is set)."""
+    def extra_loss(self, model: nn.Module, epoch: int, step: int) -> torch.Tensor | None:
+        """``coefficient * expected cost``; None (nothing to add) while the coefficient is zero."""
         if self._reg == 0.0:
-            return torch.zeros(())
+            return None
         return self._reg * expected_cost(model, self.recipe.reg)
 
     def after_step(self, model: nn.Module) -> None:
         """Update the strengths and clamp them to [0, 1] (and to the no-shrink floor)."""
-        for quant in learned_bit_quantizers(model):
+        for quant in self._learning_quantizers(model):
             quant.step_strength(self._strength_lr, self.recipe.allow_shrink)
+
+    def _learning_quantizers(self, model: nn.Module) -> list[_LearnedBits]:
+        """The quantizers with a strength, found once per model (walking the modules every step costs
+        more than updating them)."""
+        cached = self.__dict__.get("_quantizers")
+        if cached is None or cached[0]() is not model:
+            quants = [q for q in learned_bit_quantizers(model) if q.strength is not None]
+            cached = self.__dict__["_quantizers"] = (weakref.ref(model), quants)
+        return cached[1]
 
     def epoch_log(self, model: nn.Module) -> dict[str, Any]:
         """Average weight/activation bits after the epoch (``history.json``; the report plots them)."""

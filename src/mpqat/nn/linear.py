@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mpqat.kernels.nmp import fused_nmp_linear
 from mpqat.quant.functional import round_half_up, round_ste
 
 _transforms_active = torch._C._are_functorch_transforms_active
@@ -114,6 +115,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self._exact_forward(x)
+        fused = fused_nmp_linear(self, x)  # learned-bit quantizers: one fused kernel (mpqat.kernels)
+        if fused is not None:
+            return fused
         x_q = self.act_quant(x)
         w_q = self.weight_quant(self.weight)
         bias = self.bias

@@ -68,6 +68,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from mpqat import kernels
 from mpqat.quant.functional import (
     act_int_range,
     quantize_act_int,
@@ -230,8 +231,13 @@ class _LearnedBits(nn.Module):
         k = len(self.candidates)
         e1 = torch.zeros(k, 1, dtype=self.candidates.dtype, device=self.candidates.device)
         e1[0] = 1.0
+        # The state the fused strength update (mpqat.kernels) works on, in its argument order.
+        strength_state = None
+        if self.strength is not None:
+            strength_state = (self.strength_momentum, self.strength_sq, self.strength_updates, self.strength_floor,
+                              self.edges, self.thresholds)
         return SimpleNamespace(k=k, candidates=self.candidates, thresholds=self.thresholds, difference=self.difference,
-                               thresholds_col=self.thresholds.reshape(-1, 1), e1=e1)
+                               thresholds_col=self.thresholds.reshape(-1, 1), e1=e1, strength_state=strength_state)
 
     def _inv_tau(self) -> torch.Tensor:
         """``1 / tau`` as a 0-d tensor (an op with a tensor operand dispatches faster than with a float)."""
@@ -324,6 +330,14 @@ class _LearnedBits(nn.Module):
         if strength is None or strength.grad is None:
             return
         grad = strength.grad
+        ext = kernels.extension_if_enabled()
+        if ext is not None and strength.dtype is torch.float32 and grad.dtype is torch.float32 \
+                and strength.device.type == "cpu":
+            # The same update (and constraint) in one kernel call (mpqat.kernels).
+            ext.step_strength(strength, grad.contiguous(), *self._consts().strength_state, float(lr), float(betas[0]),
+                              float(betas[1]), bool(allow_shrink))
+            strength.grad = None
+            return
         beta1, beta2 = betas
         t = int(self.strength_updates.add_(1))
         momentum, sq = self.strength_momentum, self.strength_sq
@@ -461,7 +475,14 @@ class NeuronBitsWeightQuantizer(_LearnedBits):
     def _build_consts(self) -> SimpleNamespace:
         consts = super()._build_consts()
         consts.__dict__.update(qmin=self.qmin, qmax=self.qmax, grad_scale=self.grad_scale)
+        # What the fused kernel (mpqat.kernels) reads: thresholds, qmax [K], grad_scale [K], binary_first.
+        consts.fused = (self.thresholds.contiguous(), self.qmax.reshape(-1).contiguous(),
+                        self.grad_scale.reshape(-1).contiguous(), self.binary_first)
         return consts
+
+    def _fused_consts(self) -> tuple:
+        """The constants :func:`mpqat.kernels.nmp.fused_nmp_linear` passes to the kernel (cached)."""
+        return self._consts().fused
 
     def _compute_index_consts(self, index: torch.Tensor) -> SimpleNamespace:
         """One-hot ``[K, N, 1]`` of the chosen candidate per row (``N = max(step rows, strength rows)``)."""
@@ -620,7 +641,15 @@ class NeuronBitsActQuantizer(_LearnedBits):
             # what the chosen index picks, in one lookup: extra bits, qmin, qmax, grad_scale * ln 2
             table=torch.stack([self.extra_bits, self.qmin, self.qmax, self.grad_scale * LN2], dim=1),
         )
+        # What the fused kernel (mpqat.kernels) reads, all [K] but the thresholds, then two scalars.
+        consts.fused = (self.thresholds.contiguous(), self.extra_bits.contiguous(), self.qmin.contiguous(),
+                        self.qmax.contiguous(), self.common_qmax.reshape(-1).contiguous(),
+                        self.grad_scale.reshape(-1).contiguous(), float(self.log2_qmax[0]), bool(self.signed))
         return consts
+
+    def _fused_consts(self) -> tuple:
+        """The constants :func:`mpqat.kernels.nmp.fused_nmp_linear` passes to the kernel (cached)."""
+        return self._consts().fused
 
     def _compute_index_consts(self, index: torch.Tensor) -> SimpleNamespace:
         picked = torch.index_select(self._consts().table, 0, index.view(-1))  # [R, 4]

@@ -202,7 +202,10 @@ def finetune(model: nn.Module, recipe: Recipe, train: tuple[np.ndarray, np.ndarr
             hooks.on_epoch_start(model, block, n_blocks)
         model.train()
         x, y_ctx, y_q = sampler.sample()
-        loss = episode_loss(model, x, y_ctx, y_q, n_classes) + hooks.extra_loss(model, block, episode)
+        loss = episode_loss(model, x, y_ctx, y_q, n_classes)
+        extra = hooks.extra_loss(model, block, episode)
+        if extra is not None:
+            loss = loss + extra
         if not torch.isfinite(loss):
             raise ConfigError(f"the fine-tuning loss became {float(loss)} at episode {episode}: lower lr")
         optimizer.zero_grad(set_to_none=True)
