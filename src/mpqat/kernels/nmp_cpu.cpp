@@ -22,6 +22,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -71,6 +75,169 @@ inline const float* fptr(const Tensor& t) { return t.data_ptr<float>(); }
 // Optional inputs (a bias, a strength) arrive as empty tensors: the autograd node then has one input
 // edge per argument, whatever is absent, so needs_input_grad(i) always means argument i.
 inline bool present(const Tensor& t) { return t.numel() > 0; }
+
+// ---- row kernels ---------------------------------------------------------------------------------
+// The hot loops, eight floats at a time with AVX2 where the compiler targets it (GCC does not
+// vectorise them on its own: min/max/compare become branches), then a scalar tail that computes the
+// same values. mul and add stay separate instructions (no FMA), so forward values are the reference's.
+
+#if defined(__AVX2__)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256 floor_half_up(__m256 u) {  // floor(u + 0.5): round half up
+  return _mm256_floor_ps(_mm256_add_ps(u, _mm256_set1_ps(0.5f)));
+}
+#endif
+
+// dst = clamp(floor(x * inv + 0.5), lo, hi) * step, per element (activation rows: per-feature arrays).
+void quantize_row(const float* x, const float* inv, const float* lo, const float* hi, const float* step, float* dst,
+                  int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  for (; i + 8 <= n; i += 8) {
+    const __m256 r = floor_half_up(_mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(inv + i)));
+    const __m256 code = _mm256_min_ps(_mm256_max_ps(r, _mm256_loadu_ps(lo + i)), _mm256_loadu_ps(hi + i));
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(code, _mm256_loadu_ps(step + i)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float r = std::floor(x[i] * inv[i] + 0.5f);
+    dst[i] = std::min(std::max(r, lo[i]), hi[i]) * step[i];
+  }
+}
+
+// dst = clamp(floor(w * inv + 0.5), -q, q) * sc (a weight row at one candidate).
+void quantize_weight_row(const float* w, float inv, float q, float sc, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256 vinv = _mm256_set1_ps(inv), vq = _mm256_set1_ps(q), vnq = _mm256_set1_ps(-q), vsc = _mm256_set1_ps(sc);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 r = floor_half_up(_mm256_mul_ps(_mm256_loadu_ps(w + i), vinv));
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_min_ps(_mm256_max_ps(r, vnq), vq), vsc));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float r = std::floor(w[i] * inv + 0.5f);
+    dst[i] = std::min(std::max(r, -q), q) * sc;
+  }
+}
+
+// dst = sign(w) * sc with sign(0) = +1 (the 1-bit candidate).
+void binary_weight_row(const float* w, float sc, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256 pos = _mm256_set1_ps(sc), neg = _mm256_set1_ps(-sc), zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 ge = _mm256_cmp_ps(_mm256_loadu_ps(w + i), zero, _CMP_GE_OQ);
+    _mm256_storeu_ps(dst + i, _mm256_blendv_ps(neg, pos, ge));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = (w[i] >= 0.0f ? 1.0f : -1.0f) * sc;
+}
+
+// One weight row at one candidate, backward: mix += mask * pi and the three row sums
+// sum(code * g), sum(mask * g * w), sum(code * code). binary: the 1-bit candidate (code = sign(w),
+// mask = |w * inv| <= 1); otherwise code = clamp(round(w * inv), -q, q), mask = [round(w * inv) in range].
+void weight_row_candidate(const float* w, const float* g, float inv, float q, float pi, bool binary, float* mix,
+                          int64_t n, float* sums) {
+  float s_code_g = 0.0f, s_mask_gw = 0.0f, s_sq = 0.0f;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256 vinv = _mm256_set1_ps(inv), vq = _mm256_set1_ps(q), vnq = _mm256_set1_ps(-q), vpi = _mm256_set1_ps(pi);
+  const __m256 one = _mm256_set1_ps(1.0f), minus_one = _mm256_set1_ps(-1.0f), zero = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 a1 = zero, a2 = zero, a3 = zero;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + i), gv = _mm256_loadu_ps(g + i);
+    const __m256 u = _mm256_mul_ps(wv, vinv);
+    __m256 code, mask;
+    if (binary) {
+      code = _mm256_blendv_ps(minus_one, one, _mm256_cmp_ps(wv, zero, _CMP_GE_OQ));
+      mask = _mm256_and_ps(_mm256_cmp_ps(_mm256_and_ps(u, abs_mask), one, _CMP_LE_OQ), one);
+    } else {
+      const __m256 r = floor_half_up(u);
+      code = _mm256_min_ps(_mm256_max_ps(r, vnq), vq);
+      mask = _mm256_and_ps(_mm256_cmp_ps(r, code, _CMP_EQ_OQ), one);
+    }
+    _mm256_storeu_ps(mix + i, _mm256_add_ps(_mm256_loadu_ps(mix + i), _mm256_mul_ps(mask, vpi)));
+    a1 = _mm256_add_ps(a1, _mm256_mul_ps(code, gv));
+    a2 = _mm256_add_ps(a2, _mm256_mul_ps(mask, _mm256_mul_ps(gv, wv)));
+    a3 = _mm256_add_ps(a3, _mm256_mul_ps(code, code));
+  }
+  s_code_g = hsum(a1);
+  s_mask_gw = hsum(a2);
+  s_sq = hsum(a3);
+#endif
+  for (; i < n; ++i) {
+    float code, mask;
+    if (binary) {
+      code = w[i] >= 0.0f ? 1.0f : -1.0f;
+      mask = std::fabs(w[i] * inv) <= 1.0f ? 1.0f : 0.0f;
+    } else {
+      const float r = std::floor(w[i] * inv + 0.5f);
+      code = std::min(std::max(r, -q), q);
+      mask = r == code ? 1.0f : 0.0f;
+    }
+    mix[i] += mask * pi;
+    s_code_g += code * g[i];
+    s_mask_gw += mask * (g[i] * w[i]);
+    s_sq += code * code;
+  }
+  sums[0] = s_code_g;
+  sums[1] = s_mask_gw;
+  sums[2] = s_sq;
+}
+
+// One activation row, backward: clip_acc += g * code - pass * u, grad_x = pass (if given), where
+// pass = g where round(u) is in range (the straight-through mask), u = x * inv.
+void act_row_backward(const float* x, const float* g, const float* inv, const float* lo, const float* hi,
+                      float* clip_acc, float* grad_x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(inv + i));
+    const __m256 r = floor_half_up(u);
+    const __m256 code = _mm256_min_ps(_mm256_max_ps(r, _mm256_loadu_ps(lo + i)), _mm256_loadu_ps(hi + i));
+    const __m256 pass = _mm256_and_ps(_mm256_cmp_ps(r, code, _CMP_EQ_OQ), gv);
+    const __m256 term = _mm256_sub_ps(_mm256_mul_ps(gv, code), _mm256_mul_ps(pass, u));
+    _mm256_storeu_ps(clip_acc + i, _mm256_add_ps(_mm256_loadu_ps(clip_acc + i), term));
+    if (grad_x != nullptr) _mm256_storeu_ps(grad_x + i, pass);
+  }
+#endif
+  for (; i < n; ++i) {
+    const float u = x[i] * inv[i];
+    const float r = std::floor(u + 0.5f);
+    const float code = std::min(std::max(r, lo[i]), hi[i]);
+    const float pass = r == code ? g[i] : 0.0f;
+    clip_acc[i] += g[i] * code - pass * u;
+    if (grad_x != nullptr) grad_x[i] = pass;
+  }
+}
+
+// One activation row, one candidate's strength term: inner += clamp(round(x * inv_k), lo, hi) * g (in double).
+void act_row_strength(const float* x, const float* g, const float* inv_k, float lo, float hi, double* inner,
+                      int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 r = floor_half_up(_mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(inv_k + i)));
+    const __m256 prod = _mm256_mul_ps(_mm256_min_ps(_mm256_max_ps(r, vlo), vhi), _mm256_loadu_ps(g + i));
+    _mm256_storeu_pd(inner + i, _mm256_add_pd(_mm256_loadu_pd(inner + i), _mm256_cvtps_pd(_mm256_castps256_ps128(prod))));
+    _mm256_storeu_pd(inner + i + 4,
+                     _mm256_add_pd(_mm256_loadu_pd(inner + i + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(prod, 1))));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float code = std::min(std::max(std::floor(x[i] * inv_k[i] + 0.5f), lo), hi);
+    inner[i] += static_cast<double>(code * g[i]);
+  }
+}
 
 // ---- weight quantizer ----------------------------------------------------------------------------
 
@@ -131,20 +298,11 @@ void weight_forward(const float* w, int64_t out, int64_t in, const WeightDerived
                     float* wq) {
   for (int64_t o = 0; o < out; ++o) {
     const int64_t h = d.h[o];
-    const float inv = d.inv_sc[h * d.s_rows + (d.s_rows == 1 ? 0 : o)];
-    const float sc = d.sc_h[o];
-    const float* row = w + o * in;
-    float* dst = wq + o * in;
     if (h == 0 && c.binary_first) {
-      for (int64_t i = 0; i < in; ++i) dst[i] = (row[i] >= 0.0f ? 1.0f : -1.0f) * sc;
-      continue;
-    }
-    const float qmax = c.qmax[h], qmin = -c.qmax[h];
-#pragma omp simd
-    for (int64_t i = 0; i < in; ++i) {
-      float r = std::floor(row[i] * inv + 0.5f);
-      float code = std::min(std::max(r, qmin), qmax);
-      dst[i] = code * sc;
+      binary_weight_row(w + o * in, d.sc_h[o], wq + o * in, in);
+    } else {
+      quantize_weight_row(w + o * in, d.inv_sc[h * d.s_rows + (d.s_rows == 1 ? 0 : o)], c.qmax[h], d.sc_h[o],
+                          wq + o * in, in);
     }
   }
 }
@@ -162,37 +320,15 @@ void weight_backward(const float* w, const float* g, int64_t out, int64_t in, co
   for (int64_t o = 0; o < out; ++o) {
     const int64_t so = d.s_rows == 1 ? 0 : o;
     const int64_t ro = d.r_rows == 1 ? 0 : o;
-    const float* __restrict row = w + o * in;
-    const float* __restrict grow = g + o * in;
+    const float* row = w + o * in;
+    const float* grow = g + o * in;
     std::fill(mix.begin(), mix.end(), 0.0f);
     for (int64_t k = 0; k < k_n; ++k) {
       const float inv = d.inv_sc[k * d.s_rows + so];
       const float pi = has_pi ? d.pi[ro * k_n + k] : 1.0f;
-      float acc_inner = 0.0f, acc_masked = 0.0f, acc_sq = 0.0f;
-      float* __restrict mx = mix.data();
-      if (k == 0 && c.binary_first) {
-#pragma omp simd reduction(+ : acc_inner, acc_masked, acc_sq)
-        for (int64_t i = 0; i < in; ++i) {
-          const float code = row[i] >= 0.0f ? 1.0f : -1.0f;
-          const float mask = std::fabs(row[i] * inv) <= 1.0f ? 1.0f : 0.0f;
-          mx[i] += mask * pi;
-          acc_inner += code * grow[i];
-          acc_masked += mask * (grow[i] * row[i]);
-          acc_sq += code * code;
-        }
-      } else {
-        const float qmax = c.qmax[k], qmin = -c.qmax[k];
-#pragma omp simd reduction(+ : acc_inner, acc_masked, acc_sq)
-        for (int64_t i = 0; i < in; ++i) {
-          const float r = std::floor(row[i] * inv + 0.5f);
-          const float code = std::min(std::max(r, qmin), qmax);
-          const float mask = r == code ? 1.0f : 0.0f;
-          mx[i] += mask * pi;
-          acc_inner += code * grow[i];
-          acc_masked += mask * (grow[i] * row[i]);
-          acc_sq += code * code;
-        }
-      }
+      float sums[3];
+      weight_row_candidate(row, grow, inv, c.qmax[k], pi, k == 0 && c.binary_first, mix.data(), in, sums);
+      const float acc_inner = sums[0], acc_masked = sums[1], acc_sq = sums[2];
       inner[k] = acc_inner;
       norm[k] = std::max(std::sqrt(acc_sq), 1e-12f);
       // LSQ: d(code * sc)/d sc = code - u * mask, times the gradient scale with the step's sign.
@@ -201,7 +337,6 @@ void weight_backward(const float* w, const float* g, int64_t out, int64_t in, co
       step_acc[k * d.s_rows + so] += static_cast<double>((acc_inner - acc_masked * inv) * (c.gscale[k] * sign) * pi);
     }
     float* gw = grad_w + o * in;
-#pragma omp simd
     for (int64_t i = 0; i < in; ++i) gw[i] = grow[i] * mix[i];
     if (g_strength != nullptr && has_pi) {
       // Scale-matched mixture: every candidate row rescaled to the chosen row's norm.
@@ -295,19 +430,11 @@ ActDerived act_derived(const Tensor& log2_clip, const Tensor& strength, const Ac
 }
 
 void act_forward(const float* x, int64_t batch, int64_t features, const ActDerived& d, bool is_signed, float* xq) {
-  const float* inv = d.inv_step.data();
-  const float* step = d.step.data();
-  const float* lo = d.qmin.data();
-  const float* hi = d.qmax.data();
+  std::vector<float> lo(d.qmin);
+  if (!is_signed) std::fill(lo.begin(), lo.end(), 0.0f);
   for (int64_t b = 0; b < batch; ++b) {
-    const float* row = x + b * features;
-    float* dst = xq + b * features;
-#pragma omp simd
-    for (int64_t f = 0; f < features; ++f) {
-      const float r = std::floor(row[f] * inv[f] + 0.5f);
-      const float code = std::min(std::max(r, is_signed ? lo[f] : 0.0f), hi[f]);
-      dst[f] = code * step[f];
-    }
+    quantize_row(x + b * features, d.inv_step.data(), lo.data(), d.qmax.data(), d.step.data(), xq + b * features,
+                 features);
   }
 }
 
@@ -316,13 +443,13 @@ void act_forward(const float* x, int64_t batch, int64_t features, const ActDeriv
 // gradients and then (from L1) for every candidate's strength term.
 void act_backward(const float* x, const float* g, int64_t batch, int64_t features, const ActDerived& d,
                   const ActConsts& c, float* grad_x, float* g_clip, float* g_strength) {
-  const float* __restrict inv = d.inv_step.data();
-  const float* __restrict hi = d.qmax.data();
+  const float* inv = d.inv_step.data();
+  const float* hi = d.qmax.data();
   std::vector<float> lo(d.qmin);
   if (!c.is_signed) std::fill(lo.begin(), lo.end(), 0.0f);
-  const float* __restrict lop = lo.data();
+  const float* lop = lo.data();
   std::vector<float> clip_acc(features, 0.0f);
-  float* __restrict ca = clip_acc.data();
+  float* ca = clip_acc.data();
   const bool strength_terms = g_strength != nullptr && !d.dpi_steps.empty();
   // Double accumulators: the codes of the finer candidates are large (up to 2**16) and their
   // products with the gradient cancel over the batch.
@@ -333,39 +460,13 @@ void act_backward(const float* x, const float* g, int64_t batch, int64_t feature
     clo[k] = c.is_signed ? -c.cqmax[k] : 0.0f;
   }
   for (int64_t b = 0; b < batch; ++b) {
-    const float* __restrict row = x + b * features;
-    const float* __restrict grow = g + b * features;
-    if (grad_x != nullptr) {
-      float* __restrict gx = grad_x + b * features;
-#pragma omp simd
-      for (int64_t f = 0; f < features; ++f) {
-        const float u = row[f] * inv[f];
-        const float r = std::floor(u + 0.5f);
-        const float code = std::min(std::max(r, lop[f]), hi[f]);
-        const float pass = r == code ? grow[f] : 0.0f;
-        ca[f] += grow[f] * code - pass * u;
-        gx[f] = pass;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t f = 0; f < features; ++f) {
-        const float u = row[f] * inv[f];
-        const float r = std::floor(u + 0.5f);
-        const float code = std::min(std::max(r, lop[f]), hi[f]);
-        const float pass = r == code ? grow[f] : 0.0f;
-        ca[f] += grow[f] * code - pass * u;
-      }
-    }
+    const float* row = x + b * features;
+    const float* grow = g + b * features;
+    act_row_backward(row, grow, inv, lop, hi, ca, grad_x != nullptr ? grad_x + b * features : nullptr, features);
     if (!strength_terms) continue;
     for (int64_t k = 0; k < d.k; ++k) {
-      const float* __restrict invk = d.inv_steps.data() + k * features;
-      double* __restrict in = inner.data() + k * features;
-      const float lo_k = clo[k], hi_k = chi[k];
-#pragma omp simd
-      for (int64_t f = 0; f < features; ++f) {
-        const float code = std::min(std::max(std::floor(row[f] * invk[f] + 0.5f), lo_k), hi_k);
-        in[f] += static_cast<double>(code * grow[f]);
-      }
+      act_row_strength(row, grow, d.inv_steps.data() + k * features, clo[k], chi[k], inner.data() + k * features,
+                       features);
     }
   }
   // Per-layer sums over features in double: the terms cancel, and float would add visible round-off.
