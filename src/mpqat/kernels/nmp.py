@@ -49,9 +49,8 @@ def fused_nmp_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | 
     ext = kernels.extension_if_enabled()
     if ext is None:
         return None
-    w_thr, w_qmax, w_gscale, binary_first = wq._fused_consts()
-    a_thr, a_extra, a_qmin, a_qmax, a_cqmax, a_gscale, log2_qmax0, signed = aq._fused_consts()
-    return ext.nmp_linear(x, weight, layer.bias, wq.step, wq.strength, aq.log2_clip, aq.strength,
-                          w_thr, w_qmax, w_gscale, a_thr, a_extra, a_qmin, a_qmax, a_cqmax, a_gscale,
+    w_packed, binary_first = wq._fused_consts()
+    a_packed, log2_qmax0, signed = aq._fused_consts()
+    return ext.nmp_linear(x, weight, layer.bias, wq.step, wq.strength, aq.log2_clip, aq.strength, w_packed, a_packed,
                           1.0 / wq.tau, 1.0 / aq.tau, log2_qmax0, binary_first, signed)
 

@@ -495,35 +495,40 @@ void act_backward(const float* x, const float* g, int64_t batch, int64_t feature
 
 // ---- the fused layer -----------------------------------------------------------------------------
 
-WeightConsts weight_consts(const Tensor& thr, const Tensor& qmax, const Tensor& gscale, double inv_tau,
-                           bool binary_first) {
-  return WeightConsts{fptr(thr), fptr(qmax), fptr(gscale), qmax.numel(), static_cast<float>(inv_tau), binary_first};
+// The constants arrive packed in one float tensor per quantizer (built once in Python, see
+// mpqat.quant.bits): weight [thresholds (K-1) | qmax (K) | grad_scale (K)]; activation
+// [thresholds (K-1) | extra bits | qmin | qmax | common qmax | grad_scale (K each)].
+WeightConsts weight_consts(const Tensor& packed, double inv_tau, bool binary_first) {
+  const int64_t k = (packed.numel() + 1) / 3;
+  const float* p = fptr(packed);
+  return WeightConsts{p, p + (k - 1), p + (2 * k - 1), k, static_cast<float>(inv_tau), binary_first};
 }
 
-ActConsts act_consts(const Tensor& thr, const Tensor& extra, const Tensor& qmin, const Tensor& qmax,
-                     const Tensor& cqmax, const Tensor& gscale, double inv_tau, double log2_qmax0, bool is_signed) {
-  return ActConsts{fptr(thr),  fptr(extra), fptr(qmin), fptr(qmax), fptr(cqmax), fptr(gscale),
-                   qmax.numel(), static_cast<float>(inv_tau), static_cast<float>(log2_qmax0), is_signed};
+ActConsts act_consts(const Tensor& packed, double inv_tau, double log2_qmax0, bool is_signed) {
+  const int64_t k = (packed.numel() + 1) / 6;
+  const float* p = fptr(packed);
+  const float* rows = p + (k - 1);
+  return ActConsts{p,        rows,         rows + k, rows + 2 * k, rows + 3 * k, rows + 4 * k,
+                   k,        static_cast<float>(inv_tau), static_cast<float>(log2_qmax0), is_signed};
 }
 
 // Argument order (forward and the gradients the backward returns):
 //  0 x [B, in]   1 weight [out, in]   2 bias [out] or empty
 //  3 w_step [K, S, 1]   4 w_strength [R, 1] or empty   5 a_log2_clip [C']   6 a_strength [R'] or empty
-//  7.. constant tensors (weight: thresholds, qmax, grad_scale; activation: thresholds, extra bits, qmin,
-//  qmax, common qmax, grad_scale) and scalars (1/tau of each, log2 qmax of the lowest activation
-//  candidate, binary_first, signed).
+//  7 the weight quantizer's packed constants   8 the activation quantizer's, then scalars (1/tau of
+//  each, log2 qmax of the lowest activation candidate, binary_first, signed).
 struct NmpLinear : public torch::autograd::Function<NmpLinear> {
+  static constexpr int kArgs = 14;
+
   static Tensor forward(AutogradContext* ctx, Tensor x, Tensor weight, Tensor bias, Tensor w_step, Tensor w_strength,
-                        Tensor a_clip, Tensor a_strength, Tensor w_thr, Tensor w_qmax, Tensor w_gscale, Tensor a_thr,
-                        Tensor a_extra, Tensor a_qmin, Tensor a_qmax, Tensor a_cqmax, Tensor a_gscale, double w_inv_tau,
+                        Tensor a_clip, Tensor a_strength, Tensor w_packed, Tensor a_packed, double w_inv_tau,
                         double a_inv_tau, double a_log2_qmax0, bool binary_first, bool is_signed) {
     x = x.contiguous();
     weight = weight.contiguous();
     w_step = w_step.contiguous();
     const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
-    const WeightConsts wc = weight_consts(w_thr, w_qmax, w_gscale, w_inv_tau, binary_first);
-    const ActConsts ac = act_consts(a_thr, a_extra, a_qmin, a_qmax, a_cqmax, a_gscale, a_inv_tau, a_log2_qmax0,
-                                    is_signed);
+    const WeightConsts wc = weight_consts(w_packed, w_inv_tau, binary_first);
+    const ActConsts ac = act_consts(a_packed, a_inv_tau, a_log2_qmax0, is_signed);
     const WeightDerived wd = weight_derived(w_step, w_strength, wc, out);
     const ActDerived ad = act_derived(a_clip, a_strength, ac, in);
 
@@ -545,8 +550,9 @@ struct NmpLinear : public torch::autograd::Function<NmpLinear> {
     } else {
       y = at::mm(xq, wq.t());
     }
-    ctx->save_for_backward({x, weight, xq, wq, w_step, w_strength, a_clip, a_strength, w_thr, w_qmax, w_gscale, a_thr,
-                            a_extra, a_qmin, a_qmax, a_cqmax, a_gscale});
+    ctx->save_for_backward({x, weight, xq, wq, w_step, w_strength, a_clip, a_strength});
+    ctx->saved_data["w_packed"] = w_packed;  // buffers: no gradient, nothing to version-check
+    ctx->saved_data["a_packed"] = a_packed;
     ctx->saved_data["w_inv_tau"] = w_inv_tau;
     ctx->saved_data["a_inv_tau"] = a_inv_tau;
     ctx->saved_data["a_log2_qmax0"] = a_log2_qmax0;
@@ -560,17 +566,17 @@ struct NmpLinear : public torch::autograd::Function<NmpLinear> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &xq = saved[2], &wq = saved[3], &w_step = saved[4],
                  &w_strength = saved[5], &a_clip = saved[6], &a_strength = saved[7];
-    const WeightConsts wc = weight_consts(saved[8], saved[9], saved[10], ctx->saved_data["w_inv_tau"].toDouble(),
+    const Tensor w_packed = ctx->saved_data["w_packed"].toTensor(), a_packed = ctx->saved_data["a_packed"].toTensor();
+    const WeightConsts wc = weight_consts(w_packed, ctx->saved_data["w_inv_tau"].toDouble(),
                                           ctx->saved_data["binary_first"].toBool());
-    const ActConsts ac = act_consts(saved[11], saved[12], saved[13], saved[14], saved[15], saved[16],
-                                    ctx->saved_data["a_inv_tau"].toDouble(), ctx->saved_data["a_log2_qmax0"].toDouble(),
-                                    ctx->saved_data["is_signed"].toBool());
+    const ActConsts ac = act_consts(a_packed, ctx->saved_data["a_inv_tau"].toDouble(),
+                                    ctx->saved_data["a_log2_qmax0"].toDouble(), ctx->saved_data["is_signed"].toBool());
     const Tensor g = grads[0].contiguous();
     const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
     const WeightDerived wd = weight_derived(w_step, w_strength, wc, out);
     const ActDerived ad = act_derived(a_clip, a_strength, ac, in);
 
-    variable_list result(21);
+    variable_list result(kArgs);
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) result[2] = g.sum(0);
 
     const bool need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(3) || ctx->needs_input_grad(4);
@@ -616,13 +622,15 @@ struct NmpLinear : public torch::autograd::Function<NmpLinear> {
 };
 
 Tensor nmp_linear(Tensor x, Tensor weight, c10::optional<Tensor> bias, Tensor w_step, c10::optional<Tensor> w_strength,
-                  Tensor a_clip, c10::optional<Tensor> a_strength, Tensor w_thr, Tensor w_qmax, Tensor w_gscale,
-                  Tensor a_thr, Tensor a_extra, Tensor a_qmin, Tensor a_qmax, Tensor a_cqmax, Tensor a_gscale,
-                  double w_inv_tau, double a_inv_tau, double a_log2_qmax0, bool binary_first, bool is_signed) {
+                  Tensor a_clip, c10::optional<Tensor> a_strength, Tensor w_packed, Tensor a_packed, double w_inv_tau,
+                  double a_inv_tau, double a_log2_qmax0, bool binary_first, bool is_signed) {
+  TORCH_CHECK(w_packed.is_contiguous() && a_packed.is_contiguous() && (w_packed.numel() + 1) % 3 == 0 &&
+                  (a_packed.numel() + 1) % 6 == 0,
+              "nmp_linear: malformed packed quantizer constants");
   const Tensor none = at::empty({0}, x.options());
   return NmpLinear::apply(x, weight, bias.value_or(none).contiguous(), w_step, w_strength.value_or(none).contiguous(),
-                          a_clip.contiguous(), a_strength.value_or(none).contiguous(), w_thr, w_qmax, w_gscale, a_thr, a_extra, a_qmin, a_qmax,
-                          a_cqmax, a_gscale, w_inv_tau, a_inv_tau, a_log2_qmax0, binary_first, is_signed);
+                          a_clip.contiguous(), a_strength.value_or(none).contiguous(), w_packed, a_packed, w_inv_tau,
+                          a_inv_tau, a_log2_qmax0, binary_first, is_signed);
 }
 
 // The strength update of _LearnedBits.step_strength (momentum over the gradient normalised by the
@@ -668,9 +676,20 @@ void step_strength(Tensor strength, Tensor grad, Tensor momentum, Tensor sq, Ten
   }
 }
 
+// step_strength for several quantizers in one call: each entry is [strength, grad, momentum, sq, updates,
+// floor, edges, thresholds] (one Python call instead of one per quantizer).
+void step_strengths(const std::vector<std::vector<Tensor>>& entries, double lr, double beta1, double beta2,
+                    bool allow_shrink) {
+  for (const auto& e : entries) {
+    TORCH_CHECK(e.size() == 8, "step_strengths: every entry needs 8 tensors");
+    step_strength(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7], lr, beta1, beta2, allow_shrink);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nmp_linear", &nmp_linear, "NMP-QAT QuantLinear training forward (fused; autograd node with fused backward)");
   m.def("step_strength", &step_strength, "NMP-QAT strength update (in place)");
+  m.def("step_strengths", &step_strengths, "NMP-QAT strength updates of several quantizers (in place)");
 }

@@ -39,7 +39,13 @@ from mpqat.cost import expected_act_bits, expected_bitops, expected_weight_bits,
 from mpqat.errors import ConfigError
 from mpqat.methods.base import MethodHooks, is_quantizer_param, register_hooks
 from mpqat.nn.linear import QuantLinear
-from mpqat.quant.bits import NeuronBitsActQuantizer, NeuronBitsWeightQuantizer, _LearnedBits, check_candidates
+from mpqat.quant.bits import (
+    NeuronBitsActQuantizer,
+    NeuronBitsWeightQuantizer,
+    _LearnedBits,
+    check_candidates,
+    step_strengths,
+)
 from mpqat.quantize import LayerContext, layer_dims, make_quant_layer, register_quantizer
 from mpqat.recipes import ACT_BITS_RANGE, WEIGHT_BITS_RANGE, Recipe, check_bits, register_recipe
 
@@ -259,8 +265,7 @@ class NeuronBitsHooks(MethodHooks):
 
     def after_step(self, model: nn.Module) -> None:
         """Update the strengths and clamp them to [0, 1] (and to the no-shrink floor)."""
-        for quant in self._learning_quantizers(model):
-            quant.step_strength(self._strength_lr, self.recipe.allow_shrink)
+        step_strengths(self._learning_quantizers(model), self._strength_lr, self.recipe.allow_shrink)
 
     def _learning_quantizers(self, model: nn.Module) -> list[_LearnedBits]:
         """The quantizers with a strength, found once per model (walking the modules every step costs

@@ -153,6 +153,37 @@ def _without_grad(fn, *args):  # type: ignore[no-untyped-def]
     return fn(*args)
 
 
+def step_strengths(quantizers: Sequence[_LearnedBits], lr: float, allow_shrink: bool,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> None:
+    """:meth:`_LearnedBits.step_strength` of every quantizer, with one fused-kernel call for all of
+    those it applies to (float32 CPU strengths with a gradient; see :mod:`mpqat.kernels`).
+
+    Example:
+        >>> q = NeuronBitsWeightQuantizer(out_features=2, in_features=3)
+        >>> q.strength.grad = torch.full((2, 1), -1.0)     # both neurons ask for more bits
+        >>> step_strengths([q], lr=0.05, allow_shrink=False)
+        >>> q.strength.grad is None, [round(v, 3) for v in q.strength.flatten().tolist()]
+        (True, [0.15, 0.15])
+    """
+    ext = kernels.extension_if_enabled()
+    entries, rest = [], []
+    for quant in quantizers:
+        strength = quant.strength
+        if strength is None or strength.grad is None:
+            continue
+        grad = strength.grad
+        if ext is not None and strength.dtype is torch.float32 and grad.dtype is torch.float32 \
+                and strength.device.type == "cpu":
+            entries.append([strength, grad.contiguous(), *quant._consts().strength_state])
+            strength.grad = None
+        else:
+            rest.append(quant)
+    if entries:
+        ext.step_strengths(entries, float(lr), float(betas[0]), float(betas[1]), bool(allow_shrink))
+    for quant in rest:
+        quant.step_strength(lr, allow_shrink, betas)
+
+
 class _LearnedBits(nn.Module):
     """Shared state of the learned-bit quantizers: candidates, thresholds, strengths, no-shrink floor.
 
@@ -475,9 +506,9 @@ class NeuronBitsWeightQuantizer(_LearnedBits):
     def _build_consts(self) -> SimpleNamespace:
         consts = super()._build_consts()
         consts.__dict__.update(qmin=self.qmin, qmax=self.qmax, grad_scale=self.grad_scale)
-        # What the fused kernel (mpqat.kernels) reads: thresholds, qmax [K], grad_scale [K], binary_first.
-        consts.fused = (self.thresholds.contiguous(), self.qmax.reshape(-1).contiguous(),
-                        self.grad_scale.reshape(-1).contiguous(), self.binary_first)
+        # What the fused kernel (mpqat.kernels) reads: [thresholds | qmax | grad_scale] in one tensor, binary_first.
+        packed = torch.cat([self.thresholds.reshape(-1), self.qmax.reshape(-1), self.grad_scale.reshape(-1)])
+        consts.fused = (packed.float().contiguous(), self.binary_first)
         return consts
 
     def _fused_consts(self) -> tuple:
@@ -641,10 +672,11 @@ class NeuronBitsActQuantizer(_LearnedBits):
             # what the chosen index picks, in one lookup: extra bits, qmin, qmax, grad_scale * ln 2
             table=torch.stack([self.extra_bits, self.qmin, self.qmax, self.grad_scale * LN2], dim=1),
         )
-        # What the fused kernel (mpqat.kernels) reads, all [K] but the thresholds, then two scalars.
-        consts.fused = (self.thresholds.contiguous(), self.extra_bits.contiguous(), self.qmin.contiguous(),
-                        self.qmax.contiguous(), self.common_qmax.reshape(-1).contiguous(),
-                        self.grad_scale.reshape(-1).contiguous(), float(self.log2_qmax[0]), bool(self.signed))
+        # What the fused kernel (mpqat.kernels) reads: [thresholds | extra bits | qmin | qmax | common qmax |
+        # grad_scale] in one tensor, then two scalars.
+        packed = torch.cat([self.thresholds.reshape(-1), self.extra_bits.reshape(-1), self.qmin.reshape(-1),
+                            self.qmax.reshape(-1), self.common_qmax.reshape(-1), self.grad_scale.reshape(-1)])
+        consts.fused = (packed.float().contiguous(), float(self.log2_qmax[0]), bool(self.signed))
         return consts
 
     def _fused_consts(self) -> tuple:
