@@ -202,3 +202,25 @@ def test_disabled_switch_values(monkeypatch):
         assert kernels.fused_kernels_enabled() is expected
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     assert kernels.extension_if_enabled() is None and not kernels.available()
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_batched_strength_update_equals_one_by_one(extension, monkeypatch, on):
+    """``step_strengths`` (one kernel call for all quantizers) is ``step_strength`` of each in turn."""
+    from mpqat.quant.bits import step_strengths
+
+    _use_kernels(monkeypatch, on)
+    models = [_model(NeuronBits(), seed=9), _model(NeuronBits(), seed=9)]
+    quants = [[q for q in m.modules() if getattr(q, "strength", None) is not None] for m in models]
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        grads = [torch.randn(q.strength.shape, generator=gen) * 1e-2 for q in quants[0]]
+        for q, g in zip(quants[0], grads):
+            q.strength.grad = g.clone()
+            q.step_strength(0.05, False)
+        for q, g in zip(quants[1], grads):
+            q.strength.grad = g.clone()
+        step_strengths(quants[1], 0.05, False)
+    for a, b in zip(quants[0], quants[1]):
+        assert b.strength.grad is None
+        assert torch.equal(a.strength, b.strength) and torch.equal(a.strength_floor, b.strength_floor)

@@ -28,17 +28,15 @@ Example:
 
 from __future__ import annotations
 
-import logging
+import hashlib
 import os
+import platform
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
-
-import torch
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("nmp_cpu.cpp")
 ENV_SWITCH = "MPQAT_FUSED_KERNELS"
@@ -71,6 +69,20 @@ def load_extension() -> ModuleType | None:
     return _state["module"]  # type: ignore[return-value]
 
 
+def _cpu_tag() -> str:
+    """A short hash of this CPU's instruction-set flags: the build uses -march=native, so a cache
+    shared between machines (an NFS home) must not hand one CPU's build to another."""
+    flags = platform.machine() + platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 def _build() -> ModuleType | None:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         warnings.warn("mpqat: no C++ compiler found, so NMP-QAT trains on the (slower) Python path; "
@@ -78,10 +90,14 @@ def _build() -> ModuleType | None:
         return None
     from torch.utils import cpp_extension
 
-    log.info("building mpqat's fused NMP-QAT CPU kernels (once per machine, about a minute)")
+    name = f"mpqat_nmp_cpu_{_cpu_tag()}"
     try:
-        return cpp_extension.load(name="mpqat_nmp_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
-    except Exception as exc:  # a compiler error, a read-only cache, ...: fall back, say why once
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not (build_dir / f"{name}.so").exists():  # say why the first NMP-QAT step pauses
+            print("mpqat: compiling the fused NMP-QAT CPU kernels (once per machine, about 30 s)...",
+                  file=sys.stderr, flush=True)
+        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+    except Exception as exc:  # noqa: BLE001  a compiler error, a read-only cache, ...: fall back, say why once
         warnings.warn(f"mpqat: building the fused NMP-QAT CPU kernels failed ({type(exc).__name__}: "
                       f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); training takes the "
                       f"Python path. Set {ENV_SWITCH}=0 to skip the build.", RuntimeWarning, stacklevel=3)
@@ -98,4 +114,4 @@ def available() -> bool:
     return fused_kernels_enabled() and load_extension() is not None
 
 
-__all__ = ["available", "extension_if_enabled", "fused_kernels_enabled", "load_extension", "CFLAGS", "SOURCE", "ENV_SWITCH"]
+__all__ = ["CFLAGS", "ENV_SWITCH", "SOURCE", "available", "extension_if_enabled", "fused_kernels_enabled", "load_extension"]

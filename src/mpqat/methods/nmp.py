@@ -35,7 +35,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mpqat.cost import expected_act_bits, expected_bitops, expected_weight_bits, model_cost
+from mpqat.cost import (
+    expected_act_bits,
+    expected_bitops,
+    expected_weight_bits,
+    model_cost,
+)
 from mpqat.errors import ConfigError
 from mpqat.methods.base import MethodHooks, is_quantizer_param, register_hooks
 from mpqat.nn.linear import QuantLinear
@@ -46,8 +51,19 @@ from mpqat.quant.bits import (
     check_candidates,
     step_strengths,
 )
-from mpqat.quantize import LayerContext, layer_dims, make_quant_layer, register_quantizer
-from mpqat.recipes import ACT_BITS_RANGE, WEIGHT_BITS_RANGE, Recipe, check_bits, register_recipe
+from mpqat.quantize import (
+    LayerContext,
+    layer_dims,
+    make_quant_layer,
+    register_quantizer,
+)
+from mpqat.recipes import (
+    ACT_BITS_RANGE,
+    WEIGHT_BITS_RANGE,
+    Recipe,
+    check_bits,
+    register_recipe,
+)
 
 GRANULARITIES = ("neuron", "layer")
 REGULARIZERS = ("none", "bits", "bitops")
