@@ -5,7 +5,7 @@ number of tensor operations it launches, not by arithmetic. ``nmp_cpu.cpp`` (a P
 extension) does one :class:`~mpqat.nn.QuantLinear` layer with learned bits in one autograd node:
 the forward quantizes input, weight and bias and runs the matrix product; the backward runs the
 surrogate gradients of both quantizers in single passes. It also does the strength update of
-:meth:`~mpqat.quant.bits._LearnedBits.step_strength` in one call.
+:meth:`~mpqat.quant.bits._LearnedBits.step_strength` of all quantizers in one call.
 
 * **Same model**: the forward values are the reference's bit for bit; the gradients agree with the
   reference to float rounding (they are summed in another order), which ``tests/kernels`` checks.
@@ -13,8 +13,8 @@ surrogate gradients of both quantizers in single passes. It also does the streng
   are :class:`~mpqat.quant.bits.NeuronBitsWeightQuantizer` and
   :class:`~mpqat.quant.bits.NeuronBitsActQuantizer`, already initialised, on float32 CPU tensors with a
   2-D input, outside ``torch.func`` transforms. Everything else takes the reference path.
-* **Build**: with ``torch.utils.cpp_extension`` and the system C++ compiler, once per machine (about a
-  minute; cached under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). Without a
+* **Build**: with ``torch.utils.cpp_extension`` and the system C++ compiler, once per machine (about
+  30 s; cached under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). Without a
   compiler, or if the build fails, a warning says so once and training takes the reference path.
 * ``MPQAT_FUSED_KERNELS=0`` turns the kernels off (the reference path, e.g. to reproduce a run made
   before they existed bit for bit).

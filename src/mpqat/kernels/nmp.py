@@ -3,7 +3,7 @@
 :func:`fused_nmp_linear` is what :class:`~mpqat.nn.QuantLinear` calls in training mode; it returns
 None whenever the layer, the tensors or the context are not ones the kernels handle, and the caller
 then takes the reference path. (The strength update calls the kernel from
-:meth:`~mpqat.quant.bits._LearnedBits.step_strength` itself.)
+:func:`~mpqat.quant.bits.step_strengths` itself.)
 
 Example:
     >>> import torch
@@ -53,4 +53,3 @@ def fused_nmp_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | 
     a_packed, log2_qmax0, signed = aq._fused_consts()
     return ext.nmp_linear(x, weight, layer.bias, wq.step, wq.strength, aq.log2_clip, aq.strength, w_packed, a_packed,
                           1.0 / wq.tau, 1.0 / aq.tau, log2_qmax0, binary_first, signed)
-

@@ -181,7 +181,7 @@ def step_strengths(quantizers: Sequence[_LearnedBits], lr: float, allow_shrink: 
     if entries:
         ext.step_strengths(entries, float(lr), float(betas[0]), float(betas[1]), bool(allow_shrink))
     for quant in rest:
-        quant.step_strength(lr, allow_shrink, betas)
+        quant._step_strength_reference(lr, allow_shrink, betas)
 
 
 class _LearnedBits(nn.Module):
@@ -357,18 +357,15 @@ class _LearnedBits(nn.Module):
         layer move in proportion to how strongly the loss asks for bits, the most demanding ones by
         about ``lr`` per step. (Per-neuron Adam would move a weak but consistent demand as fast as
         a strong one.)"""
+        step_strengths([self], lr, allow_shrink, betas)  # the fused kernel where it applies
+
+    @torch.no_grad()
+    def _step_strength_reference(self, lr: float, allow_shrink: bool, betas: tuple[float, float]) -> None:
+        """:meth:`step_strength` in tensor operations (the kernels' reference, and their fallback)."""
         strength = self.strength
         if strength is None or strength.grad is None:
             return
         grad = strength.grad
-        ext = kernels.extension_if_enabled()
-        if ext is not None and strength.dtype is torch.float32 and grad.dtype is torch.float32 \
-                and strength.device.type == "cpu":
-            # The same update (and constraint) in one kernel call (mpqat.kernels).
-            ext.step_strength(strength, grad.contiguous(), *self._consts().strength_state, float(lr), float(betas[0]),
-                              float(betas[1]), bool(allow_shrink))
-            strength.grad = None
-            return
         beta1, beta2 = betas
         t = int(self.strength_updates.add_(1))
         momentum, sq = self.strength_momentum, self.strength_sq
