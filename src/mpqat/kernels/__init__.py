@@ -83,6 +83,18 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def _put_ninja_on_path() -> None:
+    """torch's extension builder runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency) puts it
+    in the environment's bin folder, which is not on PATH when the venv's python is run directly."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build() -> ModuleType | None:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         warnings.warn("mpqat: no C++ compiler found, so NMP-QAT trains on the (slower) Python path; "
@@ -90,6 +102,7 @@ def _build() -> ModuleType | None:
         return None
     from torch.utils import cpp_extension
 
+    _put_ninja_on_path()
     name = f"mpqat_nmp_cpu_{_cpu_tag()}"
     try:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
