@@ -33,6 +33,7 @@ from mpqat import distributed
 from mpqat.checkpoint import load_checkpoint, save_checkpoint
 from mpqat.errors import CheckpointError, ConfigError
 from mpqat.methods.base import MethodHooks
+from mpqat.optim import make_optimizer
 
 ArrayPair = tuple[np.ndarray, np.ndarray]
 LR_SCHEDULES = ("constant", "cosine")
@@ -103,14 +104,7 @@ class FitResult:
 
 
 def _make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
-    groups = [g for g in groups if g["params"]]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
-    # Not fused=True: the fused kernels do not bump the parameters' version counters, which the
-    # learned-bit quantizers use to know when their cached derived tensors are stale.
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
-    return torch.optim.Adam(groups, lr=config.lr)
+    return make_optimizer(groups, config.optimizer, config.lr)
 
 
 @torch.no_grad()

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mpqat.optim import make_optimizer
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -85,7 +87,7 @@ def _timed_steps(model: nn.Module, X: np.ndarray, y: np.ndarray, hooks: Any, bat
         groups = [g for g in hooks.param_groups(model, lr, 0.0) if g["params"]]
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = torch.optim.Adam(groups, lr=lr)
+    optimizer = make_optimizer(groups, "adam", lr)  # the trainer's Adam (mpqat.train)
     X_t = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     y_t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     generator = torch.Generator().manual_seed(seed)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mpqat.errors import ConfigError
+from mpqat.optim import SMALL_TENSORS
 from mpqat.recipes import Recipe
 
 
@@ -43,7 +44,8 @@ class MethodHooks:
                 (quant if is_quantizer_param(name) else weights).append(param)
         groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"}]
         if quant:
-            groups.append({"params": quant, "lr": lr, "weight_decay": 0.0, "name": "quantizers"})
+            groups.append({"params": quant, "lr": lr, "weight_decay": 0.0, "name": "quantizers",
+                           SMALL_TENSORS: True})
         return groups
 
     def on_fit_start(self, model: nn.Module, train: tuple[Any, Any], valid: tuple[Any, Any]) -> None:

@@ -43,6 +43,7 @@ from mpqat.cost import (
 )
 from mpqat.errors import ConfigError
 from mpqat.methods.base import MethodHooks, is_quantizer_param, register_hooks
+from mpqat.optim import SMALL_TENSORS
 from mpqat.nn.linear import QuantLinear
 from mpqat.quant.bits import (
     NeuronBitsActQuantizer,
@@ -259,8 +260,10 @@ class NeuronBitsHooks(MethodHooks):
                 (scales if is_quantizer_param(name) else weights).append(param)
         return [
             {"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"},
-            {"params": scales, "lr": lr * self.recipe.scale_lr_mult, "weight_decay": 0.0, "name": "scales"},
-            {"params": clips, "lr": lr * self.recipe.clip_lr_mult, "weight_decay": 0.0, "name": "clips"},
+            {"params": scales, "lr": lr * self.recipe.scale_lr_mult, "weight_decay": 0.0, "name": "scales",
+             SMALL_TENSORS: True},
+            {"params": clips, "lr": lr * self.recipe.clip_lr_mult, "weight_decay": 0.0, "name": "clips",
+             SMALL_TENSORS: True},
         ]
 
     def on_epoch_start(self, model: nn.Module, epoch: int, total_epochs: int) -> None:

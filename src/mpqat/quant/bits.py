@@ -190,7 +190,8 @@ class _LearnedBits(nn.Module):
     Everything that depends only on the parameters (chosen candidates, mixing weights, snapped
     steps) is computed once per optimizer step and cached, keyed by the parameters' version
     counters: an optimizer must update them in place with ordinary tensor ops, which bump the
-    counters (``torch.optim`` does, except with ``fused=True``)."""
+    counters (``torch.optim`` does, except with ``fused=True``, after which
+    :func:`mpqat.optim.make_optimizer`'s step hook bumps them)."""
 
     _CACHES = ("_cache", "_mix_cache", "_index_cache", "_index_consts_cache", "_consts_cache", "_tau_cache")
 
