@@ -29,6 +29,11 @@ RECIPES = {
     "no_binary": NeuronBits(w_candidates=(2, 3, 4, 8), w_thresholds=(0.2, 0.4, 0.6), a_candidates=(2, 4, 8),
                             a_thresholds=(0.3, 0.6)),
     "learned_input": NeuronBits(input_bits=None, allow_shrink=True),
+    # K = 2 (the smallest blocked pass) and K = 5 / 6 (more candidates than the blocked passes are
+    # built for: the row-by-row fallback) for weights and activations.
+    "two_candidates": NeuronBits(w_candidates=(1, 4), w_thresholds=(0.5,), a_candidates=(4, 8), a_thresholds=(0.5,)),
+    "many_candidates": NeuronBits(w_candidates=(1, 2, 3, 4, 8), w_thresholds=(0.2, 0.4, 0.6, 0.8),
+                                  a_candidates=(2, 3, 4, 5, 6, 8), a_thresholds=(0.15, 0.3, 0.45, 0.6, 0.75)),
 }
 
 

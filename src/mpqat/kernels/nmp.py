@@ -35,14 +35,19 @@ def fused_nmp_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | 
     :class:`NeuronBitsActQuantizer` that have seen their first batch, with float32 CPU tensors and a
     2-D input, outside ``torch.func`` transforms.
     """
-    wq, aq = layer.weight_quant, layer.act_quant
+    # This runs once per layer and training step, where the kernel itself takes tens of microseconds:
+    # the module's dicts are read directly (nn.Module.__getattr__ costs about a microsecond a name).
+    modules = layer._modules
+    wq, aq = modules["weight_quant"], modules["act_quant"]
     if type(wq) is not NeuronBitsWeightQuantizer or type(aq) is not NeuronBitsActQuantizer:
         return None
-    weight = layer.weight
-    if (x.dim() != 2 or x.dtype is not _FLOAT32 or weight.dtype is not _FLOAT32 or x.device.type != "cpu"
-            or weight.device.type != "cpu" or _transforms_active()):
+    params = layer._parameters
+    weight = params["weight"]
+    if (x.dim() != 2 or x.dtype is not _FLOAT32 or weight.dtype is not _FLOAT32 or not x.is_cpu
+            or not weight.is_cpu or _transforms_active()):
         return None
-    if not (wq.initialized and aq.initialized):
+    w_params, a_params = wq._parameters, aq._parameters
+    if not (wq._buffers["initialized"].item() and aq._buffers["initialized"].item()):
         return None
     if x.shape[1] != wq.in_features or weight.shape != (wq.out_features, wq.in_features):
         return None  # the reference path raises the clear error
@@ -51,5 +56,6 @@ def fused_nmp_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | 
         return None
     w_packed, binary_first = wq._fused_consts()
     a_packed, log2_qmax0, signed = aq._fused_consts()
-    return ext.nmp_linear(x, weight, layer.bias, wq.step, wq.strength, aq.log2_clip, aq.strength, w_packed, a_packed,
+    return ext.nmp_linear(x, weight, params["bias"], w_params["step"], w_params.get("strength"),
+                          a_params["log2_clip"], a_params.get("strength"), w_packed, a_packed,
                           1.0 / wq.tau, 1.0 / aq.tau, log2_qmax0, binary_first, signed)

@@ -45,6 +45,18 @@ inline float snap16(float x) {
   return out;
 }
 
+// 2**e, the value of std::ldexp(1.0f, e), from the exponent bits where the result is a normal float
+// (ldexp is a library call with range checks; the derived tensors need ~10 of these per feature).
+inline float pow2i(int e) {
+  if (e >= -126 && e <= 127) {
+    const int32_t raw = (e + 127) << 23;
+    float out;
+    std::memcpy(&out, &raw, sizeof out);
+    return out;
+  }
+  return std::ldexp(1.0f, e);
+}
+
 // bucketize(s, thresholds, right=True): how many thresholds are <= s.
 inline int64_t hard_index(float s, const float* thr, int64_t n_thr) {
   int64_t h = 0;
@@ -307,12 +319,75 @@ void weight_forward(const float* w, int64_t out, int64_t in, const WeightDerived
   }
 }
 
+#if defined(__AVX2__)
+// weight_backward's pass over one row for K candidates, all of them in one sweep over the row: each
+// eight-float chunk of the weights and their gradient is loaded once, the mixed straight-through
+// factor is built in a register, and every candidate's three sums stay in registers. Each sum runs
+// over the chunks in the order of weight_row_candidate (and its scalar tail after them), and the
+// factor adds the candidates in index order from zero, so the results are that function's bit for
+// bit. sums: [K][3] as weight_row_candidate writes them.
+template <int K>
+void weight_row_all_candidates(const float* w, const float* g, const float* inv, const float* q, const float* pi,
+                               bool binary_first, float* gw, int64_t n, float* sums) {
+  const __m256 one = _mm256_set1_ps(1.0f), minus_one = _mm256_set1_ps(-1.0f), zero = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 a1[K], a2[K], a3[K];
+  for (int k = 0; k < K; ++k) a1[k] = a2[k] = a3[k] = zero;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + i), gv = _mm256_loadu_ps(g + i);
+    __m256 mix = zero;
+    for (int k = 0; k < K; ++k) {
+      const __m256 u = _mm256_mul_ps(wv, _mm256_set1_ps(inv[k]));
+      __m256 code, mask;
+      if (k == 0 && binary_first) {
+        code = _mm256_blendv_ps(minus_one, one, _mm256_cmp_ps(wv, zero, _CMP_GE_OQ));
+        mask = _mm256_and_ps(_mm256_cmp_ps(_mm256_and_ps(u, abs_mask), one, _CMP_LE_OQ), one);
+      } else {
+        const __m256 r = floor_half_up(u);
+        code = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-q[k])), _mm256_set1_ps(q[k]));
+        mask = _mm256_and_ps(_mm256_cmp_ps(r, code, _CMP_EQ_OQ), one);
+      }
+      mix = _mm256_add_ps(mix, _mm256_mul_ps(mask, _mm256_set1_ps(pi[k])));
+      a1[k] = _mm256_add_ps(a1[k], _mm256_mul_ps(code, gv));
+      a2[k] = _mm256_add_ps(a2[k], _mm256_mul_ps(mask, _mm256_mul_ps(gv, wv)));
+      a3[k] = _mm256_add_ps(a3[k], _mm256_mul_ps(code, code));
+    }
+    _mm256_storeu_ps(gw + i, _mm256_mul_ps(gv, mix));
+  }
+  for (int k = 0; k < K; ++k) {
+    sums[3 * k] = hsum(a1[k]);
+    sums[3 * k + 1] = hsum(a2[k]);
+    sums[3 * k + 2] = hsum(a3[k]);
+  }
+  for (; i < n; ++i) {
+    float mix = 0.0f;
+    for (int k = 0; k < K; ++k) {
+      float code, mask;
+      if (k == 0 && binary_first) {
+        code = w[i] >= 0.0f ? 1.0f : -1.0f;
+        mask = std::fabs(w[i] * inv[k]) <= 1.0f ? 1.0f : 0.0f;
+      } else {
+        const float r = std::floor(w[i] * inv[k] + 0.5f);
+        code = std::min(std::max(r, -q[k]), q[k]);
+        mask = r == code ? 1.0f : 0.0f;
+      }
+      mix += mask * pi[k];
+      sums[3 * k] += code * g[i];
+      sums[3 * k + 1] += mask * (g[i] * w[i]);
+      sums[3 * k + 2] += code * code;
+    }
+    gw[i] = g[i] * mix;
+  }
+}
+#endif
+
 // Surrogate backward of the weight quantizer (reference: _WeightSurrogate.backward).
 void weight_backward(const float* w, const float* g, int64_t out, int64_t in, const WeightDerived& d,
                      const WeightConsts& c, const float* step, float* grad_w, float* g_step, float* g_strength) {
   const int64_t k_n = d.k;
   std::vector<float> mix(in);
-  std::vector<float> inner(k_n), norm(k_n);
+  std::vector<float> inner(k_n), norm(k_n), inv_k(k_n), pi_k(k_n), all_sums(3 * k_n);
   // Sums over rows (a per-layer step or strength) in double: the terms cancel.
   std::vector<double> step_acc(k_n * d.s_rows, 0.0);
   double strength_acc = 0.0;
@@ -322,13 +397,34 @@ void weight_backward(const float* w, const float* g, int64_t out, int64_t in, co
     const int64_t ro = d.r_rows == 1 ? 0 : o;
     const float* row = w + o * in;
     const float* grow = g + o * in;
-    std::fill(mix.begin(), mix.end(), 0.0f);
+    float* gw = grad_w + o * in;
     for (int64_t k = 0; k < k_n; ++k) {
-      const float inv = d.inv_sc[k * d.s_rows + so];
-      const float pi = has_pi ? d.pi[ro * k_n + k] : 1.0f;
-      float sums[3];
-      weight_row_candidate(row, grow, inv, c.qmax[k], pi, k == 0 && c.binary_first, mix.data(), in, sums);
-      const float acc_inner = sums[0], acc_masked = sums[1], acc_sq = sums[2];
+      inv_k[k] = d.inv_sc[k * d.s_rows + so];
+      pi_k[k] = has_pi ? d.pi[ro * k_n + k] : 1.0f;
+    }
+    bool swept = false;  // all candidates' sums (and the row's gradient) done in one sweep
+#if defined(__AVX2__)
+    swept = true;
+    switch (k_n) {
+      case 1: weight_row_all_candidates<1>(row, grow, inv_k.data(), c.qmax, pi_k.data(), c.binary_first, gw, in, all_sums.data()); break;
+      case 2: weight_row_all_candidates<2>(row, grow, inv_k.data(), c.qmax, pi_k.data(), c.binary_first, gw, in, all_sums.data()); break;
+      case 3: weight_row_all_candidates<3>(row, grow, inv_k.data(), c.qmax, pi_k.data(), c.binary_first, gw, in, all_sums.data()); break;
+      case 4: weight_row_all_candidates<4>(row, grow, inv_k.data(), c.qmax, pi_k.data(), c.binary_first, gw, in, all_sums.data()); break;
+      default: swept = false;
+    }
+#endif
+    if (!swept) {
+      std::fill(mix.begin(), mix.end(), 0.0f);
+      for (int64_t k = 0; k < k_n; ++k) {
+        weight_row_candidate(row, grow, inv_k[k], c.qmax[k], pi_k[k], k == 0 && c.binary_first, mix.data(), in,
+                             &all_sums[3 * k]);
+      }
+      for (int64_t i = 0; i < in; ++i) gw[i] = grow[i] * mix[i];
+    }
+    for (int64_t k = 0; k < k_n; ++k) {
+      const float inv = inv_k[k];
+      const float pi = pi_k[k];
+      const float acc_inner = all_sums[3 * k], acc_masked = all_sums[3 * k + 1], acc_sq = all_sums[3 * k + 2];
       inner[k] = acc_inner;
       norm[k] = std::max(std::sqrt(acc_sq), 1e-12f);
       // LSQ: d(code * sc)/d sc = code - u * mask, times the gradient scale with the step's sign.
@@ -336,8 +432,6 @@ void weight_backward(const float* w, const float* g, int64_t out, int64_t in, co
       const float sign = st > 0.0f ? 1.0f : (st < 0.0f ? -1.0f : 0.0f);
       step_acc[k * d.s_rows + so] += static_cast<double>((acc_inner - acc_masked * inv) * (c.gscale[k] * sign) * pi);
     }
-    float* gw = grad_w + o * in;
-    for (int64_t i = 0; i < in; ++i) gw[i] = grow[i] * mix[i];
     if (g_strength != nullptr && has_pi) {
       // Scale-matched mixture: every candidate row rescaled to the chosen row's norm.
       const float chosen = norm[d.h[o]] * d.sc_h[o];
@@ -411,8 +505,8 @@ ActDerived act_derived(const Tensor& log2_clip, const Tensor& strength, const Ac
     const int64_t h = h_rows[d.r_rows == 1 ? 0 : f];
     const float e = base - c.extra[h];
     e_min = std::min(e_min, e);
-    d.step[f] = std::ldexp(1.0f, static_cast<int>(e));
-    d.inv_step[f] = std::ldexp(1.0f, -static_cast<int>(e));
+    d.step[f] = pow2i(static_cast<int>(e));
+    d.inv_step[f] = pow2i(-static_cast<int>(e));
     d.qmin[f] = c.qmin[h];
     d.qmax[f] = c.qmax[h];
     d.cgs[f] = d.step[f] * (c.gscale[h] * kLn2);
@@ -420,12 +514,12 @@ ActDerived act_derived(const Tensor& log2_clip, const Tensor& strength, const Ac
       const int64_t rf = d.r_rows == 1 ? 0 : f;
       for (int64_t k = 0; k < d.k; ++k) {
         const int ek = static_cast<int>(base - c.extra[k]);
-        d.dpi_steps[k * features + f] = dpi[rf * d.k + k] * std::ldexp(1.0f, ek);
-        d.inv_steps[k * features + f] = std::ldexp(1.0f, -ek);
+        d.dpi_steps[k * features + f] = dpi[rf * d.k + k] * pow2i(ek);
+        d.inv_steps[k * features + f] = pow2i(-ek);
       }
     }
   }
-  d.min_step = std::ldexp(1.0f, static_cast<int>(e_min));
+  d.min_step = pow2i(static_cast<int>(e_min));
   return d;
 }
 
@@ -435,6 +529,78 @@ void act_forward(const float* x, int64_t batch, int64_t features, const ActDeriv
   for (int64_t b = 0; b < batch; ++b) {
     quantize_row(x + b * features, d.inv_step.data(), lo.data(), d.qmax.data(), d.step.data(), xq + b * features,
                  features);
+  }
+}
+
+#if defined(__AVX2__)
+// act_backward's pass for K strength candidates (K = 0: no strength terms), eight features at a time:
+// each feature block walks the batch with its clip and strength sums in registers, instead of
+// reading and writing them once per row. Every sum runs over the batch in the same order as the
+// row-wise pass (from zero, row after row), so the results are that pass's bit for bit; features
+// past the last full block take the scalar formulas below. Returns the first feature not done.
+template <int K>
+int64_t act_backward_blocks(const float* x, const float* g, int64_t batch, int64_t features, const float* inv,
+                            const float* lo, const float* hi, const float* inv_steps, const float* clo,
+                            const float* chi, float* clip_acc, double* inner, float* grad_x) {
+  int64_t f0 = 0;
+  for (; f0 + 8 <= features; f0 += 8) {
+    const __m256 vinv = _mm256_loadu_ps(inv + f0), vlo = _mm256_loadu_ps(lo + f0), vhi = _mm256_loadu_ps(hi + f0);
+    __m256 vinv_k[K > 0 ? K : 1], vclo[K > 0 ? K : 1], vchi[K > 0 ? K : 1];
+    __m256d in_lo[K > 0 ? K : 1], in_hi[K > 0 ? K : 1];
+    for (int k = 0; k < K; ++k) {
+      vinv_k[k] = _mm256_loadu_ps(inv_steps + k * features + f0);
+      vclo[k] = _mm256_set1_ps(clo[k]);
+      vchi[k] = _mm256_set1_ps(chi[k]);
+      in_lo[k] = _mm256_setzero_pd();
+      in_hi[k] = _mm256_setzero_pd();
+    }
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < batch; ++b) {
+      const __m256 xv = _mm256_loadu_ps(x + b * features + f0), gv = _mm256_loadu_ps(g + b * features + f0);
+      const __m256 u = _mm256_mul_ps(xv, vinv);
+      const __m256 r = floor_half_up(u);
+      const __m256 code = _mm256_min_ps(_mm256_max_ps(r, vlo), vhi);
+      const __m256 pass = _mm256_and_ps(_mm256_cmp_ps(r, code, _CMP_EQ_OQ), gv);
+      acc = _mm256_add_ps(acc, _mm256_sub_ps(_mm256_mul_ps(gv, code), _mm256_mul_ps(pass, u)));
+      if (grad_x != nullptr) _mm256_storeu_ps(grad_x + b * features + f0, pass);
+      for (int k = 0; k < K; ++k) {
+        const __m256 rk = floor_half_up(_mm256_mul_ps(xv, vinv_k[k]));
+        const __m256 prod = _mm256_mul_ps(_mm256_min_ps(_mm256_max_ps(rk, vclo[k]), vchi[k]), gv);
+        in_lo[k] = _mm256_add_pd(in_lo[k], _mm256_cvtps_pd(_mm256_castps256_ps128(prod)));
+        in_hi[k] = _mm256_add_pd(in_hi[k], _mm256_cvtps_pd(_mm256_extractf128_ps(prod, 1)));
+      }
+    }
+    _mm256_storeu_ps(clip_acc + f0, acc);
+    for (int k = 0; k < K; ++k) {
+      _mm256_storeu_pd(inner + k * features + f0, in_lo[k]);
+      _mm256_storeu_pd(inner + k * features + f0 + 4, in_hi[k]);
+    }
+  }
+  return f0;
+}
+#endif
+
+// The scalar formulas of act_row_backward / act_row_strength for features [f_begin, features), each
+// summed over the batch row after row.
+void act_backward_scalar_features(const float* x, const float* g, int64_t batch, int64_t features, int64_t f_begin,
+                                  const float* inv, const float* lo, const float* hi, const float* inv_steps,
+                                  const float* clo, const float* chi, int64_t k_terms, float* clip_acc,
+                                  double* inner, float* grad_x) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* row = x + b * features;
+    const float* grow = g + b * features;
+    for (int64_t f = f_begin; f < features; ++f) {
+      const float u = row[f] * inv[f];
+      const float r = std::floor(u + 0.5f);
+      const float code = std::min(std::max(r, lo[f]), hi[f]);
+      const float pass = r == code ? grow[f] : 0.0f;
+      clip_acc[f] += grow[f] * code - pass * u;
+      if (grad_x != nullptr) grad_x[b * features + f] = pass;
+      for (int64_t k = 0; k < k_terms; ++k) {
+        const float ck = std::min(std::max(std::floor(row[f] * inv_steps[k * features + f] + 0.5f), clo[k]), chi[k]);
+        inner[k * features + f] += static_cast<double>(ck * grow[f]);
+      }
+    }
   }
 }
 
@@ -459,14 +625,30 @@ void act_backward(const float* x, const float* g, int64_t batch, int64_t feature
     chi[k] = c.cqmax[k];
     clo[k] = c.is_signed ? -c.cqmax[k] : 0.0f;
   }
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* row = x + b * features;
-    const float* grow = g + b * features;
-    act_row_backward(row, grow, inv, lop, hi, ca, grad_x != nullptr ? grad_x + b * features : nullptr, features);
-    if (!strength_terms) continue;
-    for (int64_t k = 0; k < d.k; ++k) {
-      act_row_strength(row, grow, d.inv_steps.data() + k * features, clo[k], chi[k], inner.data() + k * features,
-                       features);
+  const int64_t k_terms = strength_terms ? d.k : 0;
+  int64_t blocked = -1;  // features done by the blocked pass (-1: not taken)
+#if defined(__AVX2__)
+  const float* isteps = strength_terms ? d.inv_steps.data() : nullptr;
+  switch (k_terms) {
+    case 0: blocked = act_backward_blocks<0>(x, g, batch, features, inv, lop, hi, isteps, clo.data(), chi.data(), ca, inner.data(), grad_x); break;
+    case 2: blocked = act_backward_blocks<2>(x, g, batch, features, inv, lop, hi, isteps, clo.data(), chi.data(), ca, inner.data(), grad_x); break;
+    case 3: blocked = act_backward_blocks<3>(x, g, batch, features, inv, lop, hi, isteps, clo.data(), chi.data(), ca, inner.data(), grad_x); break;
+    case 4: blocked = act_backward_blocks<4>(x, g, batch, features, inv, lop, hi, isteps, clo.data(), chi.data(), ca, inner.data(), grad_x); break;
+    default: break;
+  }
+#endif
+  if (blocked >= 0) {
+    act_backward_scalar_features(x, g, batch, features, blocked, inv, lop, hi, strength_terms ? d.inv_steps.data() : nullptr,
+                                 clo.data(), chi.data(), k_terms, ca, inner.data(), grad_x);
+  } else {  // row by row (no AVX2, or more candidates than the blocked pass is built for)
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* row = x + b * features;
+      const float* grow = g + b * features;
+      act_row_backward(row, grow, inv, lop, hi, ca, grad_x != nullptr ? grad_x + b * features : nullptr, features);
+      for (int64_t k = 0; k < k_terms; ++k) {
+        act_row_strength(row, grow, d.inv_steps.data() + k * features, clo[k], chi[k], inner.data() + k * features,
+                         features);
+      }
     }
   }
   // Per-layer sums over features in double: the terms cancel, and float would add visible round-off.
