@@ -229,3 +229,53 @@ def test_batched_strength_update_equals_one_by_one(extension, monkeypatch, on):
     for a, b in zip(quants[0], quants[1]):
         assert b.strength.grad is None
         assert torch.equal(a.strength, b.strength) and torch.equal(a.strength_floor, b.strength_floor)
+
+
+def _value(t: torch.Tensor) -> float:
+    return float(t.detach())
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_fused_expected_bits_matches_the_reference_cost(extension, name):
+    """The regularizer's ``bits`` cost: the same value and strength gradients as expected_weight_bits +
+    expected_act_bits, to float rounding, for every recipe (fixed-bit first/last layers included)."""
+    from mpqat.cost import expected_act_bits, expected_weight_bits
+    from mpqat.kernels.nmp_cost import fused_expected_bits
+
+    model = _model(RECIPES[name])
+    strengths = [m.strength for m in model.modules() if getattr(m, "strength", None) is not None]
+    fused = fused_expected_bits(model)
+    assert fused is not None and fused.grad_fn is not None and "ExpectedBitsCost" in fused.grad_fn.name()
+    fused_grads = torch.autograd.grad(fused, strengths)
+    reference = expected_weight_bits(model) + expected_act_bits(model)
+    reference_grads = torch.autograd.grad(reference, strengths)
+    torch.testing.assert_close(fused.detach(), reference.detach(), rtol=1e-6, atol=0)
+    for got, want in zip(fused_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_fused_expected_bits_follows_the_model_and_steps_aside(extension, monkeypatch):
+    """A changed temperature and a replaced quantizer are seen (no stale plan); kernels off, a
+    non-learned quantizer or a float64 model: None, and the reference cost is used."""
+    from mpqat.cost import expected_act_bits, expected_weight_bits
+    from mpqat.kernels.nmp_cost import fused_expected_bits
+    from mpqat.methods.nmp import expected_cost
+    from mpqat.quant.uniform import LSQWeightQuantizer
+
+    model = _model(RECIPES["neuron"])
+    first = _value(fused_expected_bits(model))
+    for m in model.modules():
+        if getattr(m, "strength", None) is not None:
+            m.tau = 0.5
+    retempered = _value(fused_expected_bits(model))
+    assert retempered != first
+    assert retempered == pytest.approx(_value(expected_weight_bits(model) + expected_act_bits(model)), rel=1e-6)
+    layer = model[2]
+    layer.weight_quant = LSQWeightQuantizer(layer.out_features, layer.in_features, bits=4)
+    assert fused_expected_bits(model) is None
+    assert _value(expected_cost(model, "bits")) == pytest.approx(
+        _value(expected_weight_bits(model) + expected_act_bits(model)), rel=1e-6)
+    other = _model(RECIPES["neuron"]).double()
+    assert fused_expected_bits(other) is None
+    _use_kernels(monkeypatch, False)
+    assert fused_expected_bits(_model(RECIPES["neuron"])) is None

@@ -5,7 +5,9 @@ number of tensor operations it launches, not by arithmetic. ``nmp_cpu.cpp`` (a P
 extension) does one :class:`~mpqat.nn.QuantLinear` layer with learned bits in one autograd node:
 the forward quantizes input, weight and bias and runs the matrix product; the backward runs the
 surrogate gradients of both quantizers in single passes. It also does the strength update of
-:meth:`~mpqat.quant.bits._LearnedBits.step_strength` of all quantizers in one call.
+:meth:`~mpqat.quant.bits._LearnedBits.step_strength` of all quantizers in one call, and the
+regularizer's expected-bits cost with its gradient for all strengths in one call
+(:mod:`mpqat.kernels.nmp_cost`).
 
 * **Same model**: the forward values are the reference's bit for bit; the gradients agree with the
   reference to float rounding (they are summed in another order), which ``tests/kernels`` checks.

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -868,10 +869,55 @@ void step_strengths(const std::vector<std::vector<Tensor>>& entries, double lr, 
   }
 }
 
+// The "bits" cost term of NMP-QAT's regularizer over several quantizers, and its gradient:
+// cost = sum_q sum_r coef_q[r] * sum_k pi_k(s_qr) b_qk, with the telescoping sigmoid weights of
+// mixing() (the values of mpqat.quant.bits.mixing_weights). coef_q holds one coefficient per strength
+// or one for all. Returns the cost (summed in double) and d cost / d s_q for every quantizer.
+std::tuple<double, std::vector<Tensor>> expected_bits_cost(const std::vector<Tensor>& strengths,
+                                                          const std::vector<Tensor>& thresholds,
+                                                          const std::vector<Tensor>& candidates,
+                                                          const std::vector<Tensor>& coefs,
+                                                          const std::vector<double>& inv_taus) {
+  const size_t n_q = strengths.size();
+  TORCH_CHECK(thresholds.size() == n_q && candidates.size() == n_q && coefs.size() == n_q && inv_taus.size() == n_q,
+              "expected_bits_cost: one threshold, candidate, coefficient tensor and 1/tau per strength");
+  double total = 0.0;
+  std::vector<Tensor> grads;
+  grads.reserve(n_q);
+  std::vector<float> pi, dpi;
+  for (size_t q = 0; q < n_q; ++q) {
+    const Tensor s_t = strengths[q].contiguous(), thr_t = thresholds[q].contiguous(),
+                 b_t = candidates[q].contiguous(), c_t = coefs[q].contiguous();
+    const int64_t n = s_t.numel(), k = b_t.numel();
+    TORCH_CHECK(thr_t.numel() == k - 1 && (c_t.numel() == 1 || c_t.numel() == n),
+                "expected_bits_cost: malformed thresholds or coefficients");
+    const float *s = fptr(s_t), *thr = fptr(thr_t), *b = fptr(b_t), *coef = fptr(c_t);
+    const bool one_coef = c_t.numel() == 1;
+    Tensor grad = at::empty_like(s_t);
+    float* gr = grad.data_ptr<float>();
+    pi.resize(k);
+    dpi.resize(k);
+    for (int64_t r = 0; r < n; ++r) {
+      mixing(s[r], thr, k, static_cast<float>(inv_taus[q]), pi.data(), dpi.data());
+      float e = 0.0f, de = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        e += pi[j] * b[j];
+        de += dpi[j] * b[j];
+      }
+      const float c = coef[one_coef ? 0 : r];
+      total += static_cast<double>(c) * static_cast<double>(e);
+      gr[r] = c * de;
+    }
+    grads.push_back(grad.view(strengths[q].sizes()));
+  }
+  return {total, grads};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nmp_linear", &nmp_linear, "NMP-QAT QuantLinear training forward (fused; autograd node with fused backward)");
   m.def("step_strength", &step_strength, "NMP-QAT strength update (in place)");
   m.def("step_strengths", &step_strengths, "NMP-QAT strength updates of several quantizers (in place)");
+  m.def("expected_bits_cost", &expected_bits_cost, "NMP-QAT expected-bits cost of several quantizers and its gradient");
 }

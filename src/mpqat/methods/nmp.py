@@ -42,6 +42,7 @@ from mpqat.cost import (
     model_cost,
 )
 from mpqat.errors import ConfigError
+from mpqat.kernels.nmp_cost import fused_expected_bits
 from mpqat.methods.base import MethodHooks, is_quantizer_param, register_hooks
 from mpqat.optim import SMALL_TENSORS
 from mpqat.nn.linear import QuantLinear
@@ -218,9 +219,13 @@ def learned_bit_quantizers(model: nn.Module) -> list[_LearnedBits]:
 
 
 def expected_cost(model: nn.Module, reg: str) -> torch.Tensor:
-    """The regularizer's cost: ``bits`` = E[avg weight bits] + E[avg act bits]; ``bitops`` = E[BitOps] / MACs."""
+    """The regularizer's cost: ``bits`` = E[avg weight bits] + E[avg act bits]; ``bitops`` = E[BitOps] / MACs.
+
+    ``bits`` goes through one fused kernel call where it can (:mod:`mpqat.kernels.nmp_cost`; the same
+    value and gradient to float rounding), ``bitops`` through the reference functions of :mod:`mpqat.cost`."""
     if reg == "bits":
-        return expected_weight_bits(model) + expected_act_bits(model)
+        fused = fused_expected_bits(model)
+        return fused if fused is not None else expected_weight_bits(model) + expected_act_bits(model)
     if reg == "bitops":
         macs = sum(m.macs() for m in model.modules() if isinstance(m, QuantLinear))
         return expected_bitops(model) / max(macs, 1)
