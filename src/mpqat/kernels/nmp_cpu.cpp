@@ -913,11 +913,66 @@ std::tuple<double, std::vector<Tensor>> expected_bits_cost(const std::vector<Ten
   return {total, grads};
 }
 
+// Adam / AdamW for many small tensors in one call (mpqat.optim: quantizer steps and clips), on
+// torch.optim.Adam's state (exp_avg, exp_avg_sq, a float32 step count) so that either can continue
+// the other's run. Per tensor: its group's lr, betas, eps and weight decay. The update is torch's
+// single-tensor Adam written out (lerp for the first moment, bias corrections in double); it agrees
+// with it to float rounding.
+void adam_small_tensors(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                        const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                        const std::vector<Tensor>& steps, const std::vector<double>& lrs,
+                        const std::vector<double>& beta1s, const std::vector<double>& beta2s,
+                        const std::vector<double>& epss, const std::vector<double>& weight_decays, bool decoupled) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n &&
+                  lrs.size() == n && beta1s.size() == n && beta2s.size() == n && epss.size() == n &&
+                  weight_decays.size() == n,
+              "adam_small_tensors: one grad, state and option set per parameter");
+  at::NoGradGuard no_grad;
+  for (size_t t = 0; t < n; ++t) {
+    const Tensor &p_t = params[t], &m_t = exp_avgs[t], &v_t = exp_avg_sqs[t], &s_t = steps[t];
+    const Tensor g_t = grads[t].contiguous();
+    TORCH_CHECK(p_t.is_contiguous() && m_t.is_contiguous() && v_t.is_contiguous() && p_t.numel() == g_t.numel() &&
+                    m_t.numel() == p_t.numel() && v_t.numel() == p_t.numel() && s_t.numel() == 1,
+                "adam_small_tensors: contiguous float32 parameters and states of matching sizes expected");
+    float* p = p_t.data_ptr<float>();
+    float* m = m_t.data_ptr<float>();
+    float* v = v_t.data_ptr<float>();
+    const float* g = g_t.data_ptr<float>();
+    float* step = s_t.data_ptr<float>();
+    *step += 1.0f;
+    const double lr = lrs[t], beta1 = beta1s[t], beta2 = beta2s[t], wd = weight_decays[t];
+    const double count = static_cast<double>(*step);
+    const double bias1 = 1.0 - std::pow(beta1, count), bias2 = 1.0 - std::pow(beta2, count);
+    const float step_size = static_cast<float>(lr / bias1), bias2_sqrt = static_cast<float>(std::sqrt(bias2));
+    const float w1 = static_cast<float>(1.0 - beta1), b2 = static_cast<float>(beta2), w2 = static_cast<float>(1.0 - beta2);
+    const float eps = static_cast<float>(epss[t]), decay = static_cast<float>(wd), shrink = static_cast<float>(1.0 - lr * wd);
+    const int64_t numel = p_t.numel();
+    for (int64_t i = 0; i < numel; ++i) {
+      float gi = g[i];
+      if (wd != 0.0) {
+        if (decoupled) {
+          p[i] *= shrink;
+        } else {
+          gi = gi + decay * p[i];
+        }
+      }
+      m[i] = m[i] + w1 * (gi - m[i]);
+      v[i] = v[i] * b2 + w2 * (gi * gi);
+      const float denom = std::sqrt(v[i]) / bias2_sqrt + eps;
+      p[i] = p[i] - step_size * (m[i] / denom);
+    }
+    // In-place updates that autograd and mpqat's caches (keyed by version counters) must see.
+    for (const Tensor* changed : {&p_t, &m_t, &v_t, &s_t}) torch::autograd::impl::bump_version(*changed);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nmp_linear", &nmp_linear, "NMP-QAT QuantLinear training forward (fused; autograd node with fused backward)");
   m.def("step_strength", &step_strength, "NMP-QAT strength update (in place)");
   m.def("step_strengths", &step_strengths, "NMP-QAT strength updates of several quantizers (in place)");
+  m.def("adam_small_tensors", &adam_small_tensors, "Adam/AdamW update of many small float32 tensors (in place)");
   m.def("expected_bits_cost", &expected_bits_cost, "NMP-QAT expected-bits cost of several quantizers and its gradient");
 }
