@@ -695,6 +695,13 @@ ActConsts act_consts(const Tensor& packed, double inv_tau, double log2_qmax0, bo
                    k,        static_cast<float>(inv_tau), static_cast<float>(log2_qmax0), is_signed};
 }
 
+// What the forward derived from the quantizer parameters, kept for the backward (the saved
+// parameters are version-checked, so recomputing it there would give the same values).
+struct DerivedHolder : torch::CustomClassHolder {
+  WeightDerived wd;
+  ActDerived ad;
+};
+
 // Argument order (forward and the gradients the backward returns):
 //  0 x [B, in]   1 weight [out, in]   2 bias [out] or empty
 //  3 w_step [K, S, 1]   4 w_strength [R, 1] or empty   5 a_log2_clip [C']   6 a_strength [R'] or empty
@@ -712,8 +719,11 @@ struct NmpLinear : public torch::autograd::Function<NmpLinear> {
     const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
     const WeightConsts wc = weight_consts(w_packed, w_inv_tau, binary_first);
     const ActConsts ac = act_consts(a_packed, a_inv_tau, a_log2_qmax0, is_signed);
-    const WeightDerived wd = weight_derived(w_step, w_strength, wc, out);
-    const ActDerived ad = act_derived(a_clip, a_strength, ac, in);
+    auto derived = c10::make_intrusive<DerivedHolder>();
+    derived->wd = weight_derived(w_step, w_strength, wc, out);
+    derived->ad = act_derived(a_clip, a_strength, ac, in);
+    const WeightDerived& wd = derived->wd;
+    const ActDerived& ad = derived->ad;
 
     Tensor xq = at::empty_like(x);
     act_forward(fptr(x), batch, in, ad, is_signed, xq.data_ptr<float>());
@@ -742,6 +752,7 @@ struct NmpLinear : public torch::autograd::Function<NmpLinear> {
     ctx->saved_data["binary_first"] = binary_first;
     ctx->saved_data["is_signed"] = is_signed;
     ctx->saved_data["has_bias"] = present(bias);
+    ctx->saved_data["derived"] = c10::IValue::make_capsule(derived);
     return y;
   }
 
@@ -756,8 +767,9 @@ struct NmpLinear : public torch::autograd::Function<NmpLinear> {
                                     ctx->saved_data["a_log2_qmax0"].toDouble(), ctx->saved_data["is_signed"].toBool());
     const Tensor g = grads[0].contiguous();
     const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
-    const WeightDerived wd = weight_derived(w_step, w_strength, wc, out);
-    const ActDerived ad = act_derived(a_clip, a_strength, ac, in);
+    const auto derived = c10::static_intrusive_pointer_cast<DerivedHolder>(ctx->saved_data["derived"].toCapsule());
+    const WeightDerived& wd = derived->wd;
+    const ActDerived& ad = derived->ad;
 
     variable_list result(kArgs);
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) result[2] = g.sum(0);
