@@ -51,7 +51,8 @@ def make_optimizer(groups: list[dict[str, Any]], name: str, lr: float) -> torch.
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer '{name}': choose {', '.join(OPTIMIZERS)}")
     marked = [g for g in groups if g.get(SMALL_TENSORS)]
-    ext = kernels.extension_if_enabled() if marked else None
+    on_cpu = any(p.is_cpu and p.dtype is torch.float32 for g in marked for p in g["params"])
+    ext = kernels.extension_if_enabled() if on_cpu else None  # (builds it on first use)
     if ext is None:
         for group in marked:
             if _fusable(group["params"]):
