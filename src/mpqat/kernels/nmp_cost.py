@@ -56,19 +56,19 @@ def fused_expected_bits(model: nn.Module) -> torch.Tensor | None:
     ext = kernels.extension_if_enabled()
     if ext is None:
         return None
-    consts = (plan.thresholds, plan.candidates, plan.coefs, [1.0 / q.tau for q in plan.learned])
+    learned = plan.learned  # buffers read now: a .to() or load_state_dict may have replaced them
+    consts = ([q._buffers["thresholds"] for q in learned], [q._buffers["candidates"] for q in learned], plan.coefs,
+              [1.0 / q.tau for q in learned])
     return _ExpectedBitsCost.apply(ext, consts, plan.constant, *strengths)
 
 
 class _Plan:
-    """What the cost of one model needs besides the strengths and temperatures, built once: the
-    quantizers with a strength, their thresholds, candidates and coefficients, and the constant part."""
+    """What the cost of one model needs besides the strengths, temperatures and buffers, built once:
+    the quantizers with a strength, their coefficients, and the constant part."""
 
     def __init__(self, layers: list[nn.Module], quants: list[_LearnedBits], learned: list[_LearnedBits],
                  coefs: list[torch.Tensor], constant: float) -> None:
         self.layers, self.quants, self.learned, self.coefs, self.constant = layers, quants, learned, coefs, constant
-        self.thresholds = [q.thresholds for q in learned]
-        self.candidates = [q.candidates for q in learned]
         self.has_strength = [q._parameters.get("strength") is not None for q in quants]
 
     @classmethod
