@@ -142,3 +142,15 @@ def test_quantizer_caches_see_every_update(path: str) -> None:
     fresh = copy.deepcopy(model)
     assert torch.equal(model(x), fresh(x))
     assert torch.equal(model.eval()(x), fresh.eval()(x))
+
+
+def test_adam_with_decoupled_weight_decay_in_a_group_is_adamw(path: str) -> None:
+    """torch's Adam takes ``decoupled_weight_decay`` per group; the kernel follows the group's setting."""
+    w, s = _params()
+    w_ref, s_ref = (torch.nn.Parameter(p.detach().clone()) for p in (w, s))
+    group = {"params": [s], "weight_decay": 0.1, "decoupled_weight_decay": True, SMALL_TENSORS: True}
+    opt = make_optimizer([{"params": [w]}, group], "adam", lr=1e-2)
+    ref = torch.optim.AdamW([{"params": [w_ref], "weight_decay": 0.0}, {"params": [s_ref], "weight_decay": 0.1}], lr=1e-2)
+    _run(opt, (w, s), steps=10)
+    _run(ref, (w_ref, s_ref), steps=10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-6)

@@ -59,7 +59,7 @@ def make_optimizer(groups: list[dict[str, Any]], name: str, lr: float) -> torch.
                 group["fused"] = True
     optimizer = (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(groups, lr=lr)
     if ext is not None:
-        _SmallTensorAdam(ext, decoupled=name == "adamw").attach(optimizer)
+        _SmallTensorAdam(ext).attach(optimizer)
     if any(g.get("fused") for g in optimizer.param_groups):
         optimizer.register_step_post_hook(_bump_fused_versions)
     return optimizer
@@ -68,8 +68,8 @@ def make_optimizer(groups: list[dict[str, Any]], name: str, lr: float) -> torch.
 class _SmallTensorAdam:
     """The step hooks that update the marked groups' float32 CPU tensors in one kernel call."""
 
-    def __init__(self, ext: Any, decoupled: bool) -> None:
-        self.ext, self.decoupled = ext, decoupled
+    def __init__(self, ext: Any) -> None:
+        self.ext = ext
         self._taken: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]] = []
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -82,12 +82,16 @@ class _SmallTensorAdam:
         for group in optimizer.param_groups:
             if not group.get(SMALL_TENSORS) or not _plain_adam(group):
                 continue
+            state = optimizer.state
             for p in group["params"]:
                 grad = p.grad
-                if grad is not None and p.dtype is torch.float32 and p.is_cpu and not grad.is_sparse \
-                        and p.is_contiguous():
-                    taken.append((group, p, grad))
-                    p.grad = None
+                if grad is None or p.dtype is not torch.float32 or not p.is_cpu or grad.is_sparse \
+                        or not p.is_contiguous():
+                    continue
+                if p in state and state[p] and state[p]["step"].dtype is not torch.float32:
+                    continue  # a state the kernel does not keep (e.g. float64 steps): torch.optim's
+                taken.append((group, p, grad))
+                p.grad = None
 
     def update(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Adam on ``torch.optim``'s state for the hidden tensors (created as torch creates it), then
@@ -96,7 +100,7 @@ class _SmallTensorAdam:
         if not taken:
             return
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        lrs, beta1s, beta2s, epss, decays = [], [], [], [], []
+        lrs, beta1s, beta2s, epss, decays, decoupled = [], [], [], [], [], []
         for group, p, grad in taken:
             state = optimizer.state[p]
             if not state:
@@ -114,8 +118,9 @@ class _SmallTensorAdam:
             beta2s.append(float(beta2))
             epss.append(float(group["eps"]))
             decays.append(float(group["weight_decay"]))
+            decoupled.append(bool(group.get("decoupled_weight_decay", False)))  # AdamW's is True
         self.ext.adam_small_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, beta1s, beta2s, epss, decays,
-                                    self.decoupled)
+                                    decoupled)
         for _, p, grad in taken:
             p.grad = grad
 

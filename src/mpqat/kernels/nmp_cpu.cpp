@@ -927,18 +927,20 @@ std::tuple<double, std::vector<Tensor>> expected_bits_cost(const std::vector<Ten
 
 // Adam / AdamW for many small tensors in one call (mpqat.optim: quantizer steps and clips), on
 // torch.optim.Adam's state (exp_avg, exp_avg_sq, a float32 step count) so that either can continue
-// the other's run. Per tensor: its group's lr, betas, eps and weight decay. The update is torch's
+// the other's run. Per tensor: its group's lr, betas, eps, weight decay and whether the decay is
+// decoupled (AdamW) or added to the gradient (Adam). The update is torch's
 // single-tensor Adam written out (lerp for the first moment, bias corrections in double); it agrees
 // with it to float rounding.
 void adam_small_tensors(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                         const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
                         const std::vector<Tensor>& steps, const std::vector<double>& lrs,
                         const std::vector<double>& beta1s, const std::vector<double>& beta2s,
-                        const std::vector<double>& epss, const std::vector<double>& weight_decays, bool decoupled) {
+                        const std::vector<double>& epss, const std::vector<double>& weight_decays,
+                        const std::vector<bool>& decoupled) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n &&
                   lrs.size() == n && beta1s.size() == n && beta2s.size() == n && epss.size() == n &&
-                  weight_decays.size() == n,
+                  weight_decays.size() == n && decoupled.size() == n,
               "adam_small_tensors: one grad, state and option set per parameter");
   at::NoGradGuard no_grad;
   for (size_t t = 0; t < n; ++t) {
@@ -960,10 +962,11 @@ void adam_small_tensors(const std::vector<Tensor>& params, const std::vector<Ten
     const float w1 = static_cast<float>(1.0 - beta1), b2 = static_cast<float>(beta2), w2 = static_cast<float>(1.0 - beta2);
     const float eps = static_cast<float>(epss[t]), decay = static_cast<float>(wd), shrink = static_cast<float>(1.0 - lr * wd);
     const int64_t numel = p_t.numel();
+    const bool decoupled_t = decoupled[t];
     for (int64_t i = 0; i < numel; ++i) {
       float gi = g[i];
       if (wd != 0.0) {
-        if (decoupled) {
+        if (decoupled_t) {
           p[i] *= shrink;
         } else {
           gi = gi + decay * p[i];
