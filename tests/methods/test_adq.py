@@ -384,3 +384,14 @@ def test_cli_avg_bits_errors_in_one_line(tmp_path, monkeypatch, capsys, args, fr
                      "--out", str(tmp_path / "r"), "--quiet")
     assert code == 2 and err.startswith("mpqat: error:") and len(err.strip().splitlines()) == 1
     assert fragment in err, err
+
+
+def test_the_shipped_learned_levels_config_is_the_benchmarked_variant():
+    """configs/adq-learned-levels.yaml is the fashion-mnist row adq-b2.8-learned-uniform-init's codebook."""
+    from pathlib import Path
+
+    from mpqat.recipes import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "configs" / "adq-learned-levels.yaml")
+    assert recipe.method == "adq"
+    assert (recipe.init, recipe.level_grad, recipe.ema) == ("uniform", True, False)
