@@ -405,13 +405,13 @@ void weight_backward(const float* w, const float* g, int64_t out, int64_t in, co
     }
     bool swept = false;  // all candidates' sums (and the row's gradient) done in one sweep
 #if defined(__AVX2__)
-    swept = true;
-    switch (k_n) {
-      case 1: weight_row_all_candidates<1>(row, grow, inv_k.data(), c.qmax, pi_k.data(), c.binary_first, gw, in, all_sums.data()); break;
-      case 2: weight_row_all_candidates<2>(row, grow, inv_k.data(), c.qmax, pi_k.data(), c.binary_first, gw, in, all_sums.data()); break;
-      case 3: weight_row_all_candidates<3>(row, grow, inv_k.data(), c.qmax, pi_k.data(), c.binary_first, gw, in, all_sums.data()); break;
-      case 4: weight_row_all_candidates<4>(row, grow, inv_k.data(), c.qmax, pi_k.data(), c.binary_first, gw, in, all_sums.data()); break;
-      default: swept = false;
+    // One sweep for 1-4 candidates (their twelve sums fit in registers); more take the per-candidate passes.
+    static constexpr decltype(&weight_row_all_candidates<1>) kSweeps[] = {
+        nullptr, weight_row_all_candidates<1>, weight_row_all_candidates<2>, weight_row_all_candidates<3>,
+        weight_row_all_candidates<4>};
+    if (k_n < 5 && kSweeps[k_n] != nullptr) {
+      kSweeps[k_n](row, grow, inv_k.data(), c.qmax, pi_k.data(), c.binary_first, gw, in, all_sums.data());
+      swept = true;
     }
 #endif
     if (!swept) {
@@ -630,12 +630,12 @@ void act_backward(const float* x, const float* g, int64_t batch, int64_t feature
   int64_t blocked = -1;  // features done by the blocked pass (-1: not taken)
 #if defined(__AVX2__)
   const float* isteps = strength_terms ? d.inv_steps.data() : nullptr;
-  switch (k_terms) {
-    case 0: blocked = act_backward_blocks<0>(x, g, batch, features, inv, lop, hi, isteps, clo.data(), chi.data(), ca, inner.data(), grad_x); break;
-    case 2: blocked = act_backward_blocks<2>(x, g, batch, features, inv, lop, hi, isteps, clo.data(), chi.data(), ca, inner.data(), grad_x); break;
-    case 3: blocked = act_backward_blocks<3>(x, g, batch, features, inv, lop, hi, isteps, clo.data(), chi.data(), ca, inner.data(), grad_x); break;
-    case 4: blocked = act_backward_blocks<4>(x, g, batch, features, inv, lop, hi, isteps, clo.data(), chi.data(), ca, inner.data(), grad_x); break;
-    default: break;
+  // The blocked pass for 0 (no strength terms) and 2-4 candidates: their sums fit in registers.
+  static constexpr decltype(&act_backward_blocks<0>) kBlocks[] = {act_backward_blocks<0>, nullptr, act_backward_blocks<2>,
+                                                                  act_backward_blocks<3>, act_backward_blocks<4>};
+  if (k_terms < 5 && kBlocks[k_terms] != nullptr) {
+    blocked = kBlocks[k_terms](x, g, batch, features, inv, lop, hi, isteps, clo.data(), chi.data(), ca, inner.data(),
+                               grad_x);
   }
 #endif
   if (blocked >= 0) {
